@@ -1,0 +1,329 @@
+"""Batched stochastic projected SGD for (masked, biased, regularised) matrix factorisation.
+
+Every tensor carries a leading batch dimension ``B``: one engine holds ``B`` independent problem
+instances of the same shape and steps all of them with batched matrix products. The single
+environment is the case ``B = 1``; the batched vector environment uses the same code with ``B > 1``.
+
+Model and loss (per instance)::
+
+    F(W, H) = 1/2 * || M o (W H - V) ||_F^2  +  reg/2 * (||W o Fw||^2 + ||H o Fh||^2)
+
+``M`` is the 0/1 mask of observed training entries (all ones when the family has none), ``Fw``/``Fh``
+mark the *free* components (biased factorisation pins one column of ``W`` and one row of ``H`` to 1).
+The loss is a **sum** over observed entries, not a mean: the step-size bounds below are stated for this
+convention. Dividing the loss by the number of entries would multiply both Lipschitz constants and
+divide every safe learning rate by the same factor.
+
+Step-size theory (SPEC §2, correcting the paper's swapped constants): with ``H`` fixed the gradient
+in ``W`` is Lipschitz with ``L_W = max_i ||H diag(M_i) H^T||_2 + reg`` (``||H H^T||_2`` when
+unmasked); with ``W`` fixed, ``L_H = max_j ||W^T diag(M_:j) W||_2 + reg``. A block step with
+``0 < lr < 2/L`` of that block decreases ``F``.
+
+One epoch: the rows are split into ``K`` minibatches (fixed per episode after a random row shuffle at
+load time), visited in a random order drawn from the environment's generator. Each minibatch ``I``
+updates its own rows of ``W`` with the exact block gradient and ``H`` with the unbiased estimate
+``K * W_I^T (M_I o (W_I H - V_I))`` of the full gradient, both from the same point, followed by the
+projection onto ``>= 0`` for non-negative families.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Layout of the per-instance statistics row returned by :meth:`SGDEngine.evaluate`.
+STAT_LOSS, STAT_GRAD_NORM, STAT_L_W, STAT_L_H, STAT_HELDOUT = range(5)
+NUM_STATS = 5
+
+
+@dataclass
+class EngineConfig:
+    """Shape and numerics shared by all instances held by one engine."""
+
+    m: int
+    """Rows of the data matrix."""
+    n: int
+    """Columns of the data matrix."""
+    rank: int
+    """Inner dimension of the factorisation, bias components included."""
+    num_blocks: int = 10
+    """Row minibatches per epoch (1 = full-batch gradient descent)."""
+    nonneg: bool = True
+    """Project both factors onto >= 0 after every update (NMF); False for unconstrained families."""
+    reg: float = 0.0
+    """L2 regularisation weight on the free components."""
+    grad_noise: float = 0.0
+    """Extra Gaussian gradient noise, as a multiple of the minibatch gradient's RMS."""
+    masked: bool = False
+    """Whether instances carry a mask of observed entries (missing data or held-out entries)."""
+    heldout: bool = False
+    """Whether instances carry held-out entries whose mean squared error is reported."""
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def block_rows(self) -> int:
+        return -(-self.m // self.num_blocks)
+
+    @property
+    def padded_rows(self) -> int:
+        return self.block_rows * self.num_blocks
+
+
+def bytes_per_instance(cfg: EngineConfig) -> int:
+    """Device memory one instance occupies (data, masks, factors, gradients and temporaries)."""
+    itemsize = torch.finfo(cfg.dtype).bits // 8
+    mn = cfg.padded_rows * cfg.n
+    dense = 1 + int(cfg.masked) + int(cfg.heldout)  # V, mask, held-out mask
+    temporaries = 2  # full residual and product during evaluate()
+    factors = 3 * (cfg.padded_rows * cfg.rank + cfg.rank * cfg.n)  # W, H and their gradients, trial
+    return itemsize * (mn * (dense + temporaries) + factors)
+
+
+def _largest_eigenvalue(G: torch.Tensor) -> torch.Tensor:
+    """Largest eigenvalue of each symmetric matrix in ``G`` (..., r, r).
+
+    Non-finite entries are zeroed first so that one diverged instance cannot make the solver fail for
+    the whole batch; that instance's non-finite loss already marks it as diverged.
+    """
+    return torch.linalg.eigvalsh(torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0))[..., -1]
+
+
+def _sqnorm(t: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norm per instance (leading dim); much faster than pow(2).sum() on CPU."""
+    flat = t.reshape(t.shape[0], -1)
+    return torch.linalg.vector_norm(flat, dim=1).square()
+
+
+def _times_transpose(R: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """R @ H^T, computed as (H @ R^T)^T: several times faster on CPU for tall R and small rank."""
+    return torch.bmm(H, R.transpose(1, 2)).transpose(1, 2)
+
+
+class SGDEngine:
+    """``B`` factorisation instances of one shape, stepped together by projected minibatch SGD.
+
+    Data is loaded per instance with :meth:`load` (so a vector env can re-initialise one instance
+    without touching the others); :meth:`epoch` runs one SGD epoch on all instances with
+    per-instance step sizes; :meth:`evaluate` returns loss, gradient norm, both Lipschitz constants and
+    the held-out error for every instance in one tensor.
+    """
+
+    def __init__(self, cfg: EngineConfig, batch: int = 1):
+        if cfg.num_blocks < 1 or cfg.num_blocks > cfg.m:
+            raise ValueError(f"num_blocks must be between 1 and the number of rows ({cfg.m}), got {cfg.num_blocks}")
+        self.cfg = cfg
+        self.B = batch
+        K, b, n, r = cfg.num_blocks, cfg.block_rows, cfg.n, cfg.rank
+        opts = dict(device=cfg.device, dtype=cfg.dtype)
+        self.V = torch.zeros(batch, K, b, n, **opts)
+        self.W = torch.zeros(batch, K, b, r, **opts)
+        self.H = torch.zeros(batch, r, n, **opts)
+        # Rows added to make the blocks equal have V = 0 and W = 0 and a zero weight.
+        needs_weight = cfg.masked or cfg.padded_rows != cfg.m
+        self.weight = torch.zeros(batch, K, b, n if cfg.masked else 1, **opts) if needs_weight else None
+        self.heldout = torch.zeros(batch, K, b, n, **opts) if cfg.heldout else None
+        self.heldout_count = torch.ones(batch, **opts)
+        self.free_W = torch.ones(r, **opts)  # broadcast over rows
+        self.free_H = torch.ones(r, 1, **opts)  # broadcast over columns
+        self.has_fixed = False
+        self.row_index = np.zeros((batch, cfg.padded_rows), dtype=np.int64)  # layout row -> data row
+        self.gW = torch.zeros_like(self.W)
+        self.gH = torch.zeros_like(self.H)
+        self._arange = torch.arange(batch, device=cfg.device)
+        self._noise_gen: list[torch.Generator | None] = [None] * batch
+
+    # ------------------------------------------------------------------ loading
+    def load(self, i: int, V: np.ndarray, W0: np.ndarray, H0: np.ndarray, *, row_perm: np.ndarray,
+             mask: np.ndarray | None = None, heldout: np.ndarray | None = None,
+             free_W: np.ndarray | None = None, free_H: np.ndarray | None = None,
+             noise_seed: int | None = None) -> None:
+        """Place one instance in slot ``i``. ``row_perm`` shuffles the rows into minibatches."""
+        cfg = self.cfg
+        K, b = cfg.num_blocks, cfg.block_rows
+        pad = cfg.padded_rows - cfg.m
+        order = np.concatenate([row_perm, np.full(pad, -1, dtype=np.int64)])
+        self.row_index[i] = order
+        real = order >= 0
+
+        def blocked(a: np.ndarray) -> torch.Tensor:
+            out = np.zeros((cfg.padded_rows,) + a.shape[1:], dtype=np.float64)
+            out[real] = a[row_perm]
+            return torch.as_tensor(out.reshape((K, b) + a.shape[1:]), dtype=cfg.dtype, device=cfg.device)
+
+        self.V[i] = blocked(V)
+        self.W[i] = blocked(W0)
+        self.H[i] = torch.as_tensor(H0, dtype=cfg.dtype, device=cfg.device)
+        if self.weight is not None:
+            if cfg.masked:
+                w = np.ones(V.shape) if mask is None else mask.astype(np.float64)
+            else:
+                w = np.ones((cfg.m, 1))
+            self.weight[i] = blocked(w)
+        if self.heldout is not None:
+            h = np.zeros(V.shape) if heldout is None else heldout.astype(np.float64)
+            self.heldout[i] = blocked(h)
+            self.heldout_count[i] = max(float(h.sum()), 1.0)
+        if free_W is not None:
+            self.free_W = torch.as_tensor(free_W, dtype=cfg.dtype, device=cfg.device)
+            self.free_H = torch.as_tensor(free_H, dtype=cfg.dtype, device=cfg.device).reshape(-1, 1)
+            self.has_fixed = not (bool(free_W.all()) and bool(free_H.all()))
+        if cfg.grad_noise > 0:
+            gen = torch.Generator(device=cfg.device)
+            gen.manual_seed(int(noise_seed or 0))
+            self._noise_gen[i] = gen
+
+    def factors(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Instance ``i``'s factors ``(W, H)`` in the data's original row order."""
+        cfg = self.cfg
+        W = self.W[i].reshape(cfg.padded_rows, cfg.rank).double().cpu().numpy()
+        order = self.row_index[i]
+        out = np.zeros((cfg.m, cfg.rank))
+        out[order[order >= 0]] = W[order >= 0]
+        return out, self.H[i].double().cpu().numpy()
+
+    # ------------------------------------------------------------------ one epoch
+    def epoch(self, lr: torch.Tensor, order: torch.Tensor | np.ndarray) -> None:
+        """One SGD epoch on every instance.
+
+        ``lr``: (B, 2) step sizes for W and H. ``order``: (B, K) minibatch visiting order; a numpy
+        array when ``B == 1`` (the blocks are then views updated in place, no gather).
+        """
+        cfg = self.cfg
+        K = cfg.num_blocks
+        lr_W = lr[:, 0].reshape(-1, 1, 1)
+        lr_H = lr[:, 1].reshape(-1, 1, 1) * K  # K: the H gradient estimate is K * (minibatch gradient)
+        single = self.B == 1
+        H = self.H
+        for k in range(K):
+            if single:
+                blk = int(order[0, k])
+                Vk, Wk = self.V[:, blk], self.W[:, blk]
+                wk = None if self.weight is None else self.weight[:, blk]
+            else:
+                idx = order[:, k]
+                Vk, Wk = self.V[self._arange, idx], self.W[self._arange, idx]
+                wk = None if self.weight is None else self.weight[self._arange, idx]
+            R = torch.baddbmm(Vk, Wk, H, beta=-1)  # Wk H - Vk
+            if wk is not None:
+                R.mul_(wk)
+            gW = _times_transpose(R, H)
+            gH = torch.bmm(Wk.transpose(1, 2), R)
+            if cfg.reg:
+                gW.add_(Wk * self.free_W, alpha=cfg.reg)
+                gH.add_(H * self.free_H, alpha=cfg.reg / K)
+            if cfg.grad_noise > 0:
+                gW = self._add_noise(gW, wk)
+                gH = self._add_noise(gH, None)
+            if self.has_fixed:
+                gW.mul_(self.free_W)
+                gH.mul_(self.free_H)
+            Wk.addcmul_(gW, lr_W, value=-1)  # in place: Wk is a view of self.W when B == 1
+            H.addcmul_(gH, lr_H, value=-1)
+            if cfg.nonneg:
+                Wk.clamp_(min=0)
+                H.clamp_(min=0)
+            if not single:
+                self.W[self._arange, idx] = Wk
+
+    def _add_noise(self, g: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
+        rms = (_sqnorm(g) / g[0].numel()).sqrt().reshape(-1, 1, 1)
+        noise = torch.stack([torch.randn(g.shape[1:], generator=gen, device=g.device, dtype=g.dtype)
+                             for gen in self._noise_gen])
+        if row_weight is not None and row_weight.shape[-1] == 1:
+            noise.mul_(row_weight)  # padding rows stay at zero
+        return g.add_(noise.mul_(rms).mul_(self.cfg.grad_noise))
+
+    # ------------------------------------------------------------------ statistics
+    def _flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.B, self.cfg.padded_rows, t.shape[-1])
+
+    def _residual(self, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+        """The unweighted residual W H - V, flattened to (B, rows, n)."""
+        return torch.baddbmm(self._flat(self.V), self._flat(W), H, beta=-1)
+
+    def _weighted(self, D: torch.Tensor) -> torch.Tensor:
+        """M o D (a new tensor when weighted, D itself otherwise)."""
+        return D if self.weight is None else D * self._flat(self.weight)
+
+    def _loss(self, W: torch.Tensor, H: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        loss = 0.5 * _sqnorm(R)
+        if self.cfg.reg:
+            loss = loss + 0.5 * self.cfg.reg * (_sqnorm(W * self.free_W) + _sqnorm(H * self.free_H))
+        return loss
+
+    def evaluate(self) -> torch.Tensor:
+        """(B, NUM_STATS) statistics at the current iterate; also stores the full gradients.
+
+        The gradient norm is the norm of the *projected* gradient for non-negative families
+        (components at the bound whose gradient points outwards are dropped), so it vanishes at a
+        constrained stationary point.
+        """
+        cfg = self.cfg
+        W, H = self.W, self.H
+        D = self._residual(W, H)
+        R = self._weighted(D)
+        loss = self._loss(W, H, R)
+        gW = _times_transpose(R, H).reshape_as(W)
+        gH = torch.bmm(self._flat(W).transpose(1, 2), R)
+        if cfg.reg:
+            gW.add_(W * self.free_W, alpha=cfg.reg)
+            gH.add_(H * self.free_H, alpha=cfg.reg)
+        if self.has_fixed:
+            gW.mul_(self.free_W)
+            gH.mul_(self.free_H)
+        self.gW, self.gH = gW, gH
+        if cfg.nonneg:  # at x = 0 only a negative gradient component can move x
+            pgW = torch.where(W > 0, gW, gW.clamp(max=0))
+            pgH = torch.where(H > 0, gH, gH.clamp(max=0))
+        else:
+            pgW, pgH = gW, gH
+        gnorm = (_sqnorm(pgW) + _sqnorm(pgH)).sqrt()
+        L_W, L_H = self.lipschitz()
+        return torch.stack([loss, gnorm, L_W, L_H, self._heldout_mse(D)], dim=1)
+
+    def loss(self) -> torch.Tensor:
+        """(B,) loss at the current iterate (what a plain training loop computes each epoch)."""
+        return self._loss(self.W, self.H, self._weighted(self._residual(self.W, self.H)))
+
+    def _heldout_mse(self, D: torch.Tensor) -> torch.Tensor:
+        if self.heldout is None:
+            return torch.full((self.B,), float("nan"), device=D.device, dtype=D.dtype)
+        return _sqnorm(D * self._flat(self.heldout)) / self.heldout_count
+
+    def lipschitz(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-instance block Lipschitz constants (L_W, L_H), each of shape (B,)."""
+        cfg = self.cfg
+        W = self._flat(self.W) * self.free_W  # fixed components are not stepped
+        H = self.H * self.free_H
+        if cfg.masked:
+            M = self._flat(self.weight)  # (B, rows, n)
+            # max over rows i of ||H diag(M_i) H^T||, and over columns j of ||W^T diag(M_:j) W||
+            GW = torch.einsum("bkn,bin,bjn->bkij", M, H, H)
+            GH = torch.einsum("bmn,bmi,bmj->bnij", M, W, W)
+            L_W = _largest_eigenvalue(GW).amax(dim=1)
+            L_H = _largest_eigenvalue(GH).amax(dim=1)
+        else:  # one eigensolver call for both r x r Gram matrices
+            G = torch.stack([torch.bmm(H, H.transpose(1, 2)), torch.bmm(W.transpose(1, 2), W)], dim=1)
+            L_W, L_H = _largest_eigenvalue(G).unbind(dim=1)
+        return L_W + cfg.reg, L_H + cfg.reg
+
+    def trial_loss(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss after a full-batch projected gradient step with step sizes ``lr`` (B, 2), not committed.
+
+        Returns ``(loss, decrease)`` where ``decrease = <grad, x - x_new>`` is the first-order decrease
+        the Armijo condition compares against (``lr * ||grad||^2`` when no projection is active).
+        Uses the gradients stored by the last :meth:`evaluate`.
+        """
+        lr_W = lr[:, 0].reshape(-1, 1, 1, 1)
+        lr_H = lr[:, 1].reshape(-1, 1, 1)
+        W = self.W - lr_W * self.gW
+        H = self.H - lr_H * self.gH
+        if self.cfg.nonneg:
+            W.clamp_(min=0)
+            H.clamp_(min=0)
+        R = self._weighted(self._residual(W, H))
+        decrease = (self.gW * (self.W - W)).sum(dim=(1, 2, 3)) + (self.gH * (self.H - H)).sum(dim=(1, 2))
+        return self._loss(W, H, R), decrease

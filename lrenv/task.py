@@ -1,0 +1,226 @@
+"""The learning-rate MDP shared by the single env and the batched vector env.
+
+:class:`TaskConfig` holds everything that defines the decision problem apart from the data (action
+mapping, observation features, reward weights, budget, divergence rule). :class:`EpisodeTracker`
+keeps the per-instance episode state for ``B`` instances as numpy arrays and turns the engine's
+statistics into observations, rewards and termination flags, for any ``B``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import gymnasium as gym
+import numpy as np
+
+from .engine import STAT_GRAD_NORM, STAT_HELDOUT, STAT_L_H, STAT_L_W, STAT_LOSS
+
+ACTION_MODES = ("log_bound", "paper")
+OBS_FEATURES = ("loss", "epoch", "grad_norm", "bound", "prev_action", "target_gap")
+"""Observation features, in the order they appear in the vector (``bound`` contributes two)."""
+DEFAULT_OBS = ("loss", "epoch", "grad_norm")
+_TINY = 1e-30
+
+
+@dataclass
+class RewardConfig:
+    """Weights of the reward (the paper's reward with its defaults; SPEC §1)."""
+
+    improvement: float = 1.0
+    """Weight of the percentage decrease of the loss below the best loss so far (0 if no improvement)."""
+    remaining: float = 1.0
+    """Bonus per epoch left of the budget when the target loss is reached."""
+    divergence_penalty: float = 100.0
+    """Subtracted once when the run diverges (the episode then ends)."""
+    time_cost: float = 0.0
+    """Subtracted every epoch (0 in the paper; a small cost teaches urgency, SPEC §5)."""
+
+
+@dataclass
+class TaskConfig:
+    """Definition of the learning-rate decision problem (everything except the data)."""
+
+    budget: int = 200
+    """Epoch budget T; the episode is truncated after T epochs."""
+    action_mode: str = "log_bound"
+    """'log_bound': a in [-1, 1] -> lr = (2/L) * 10^(log_range * a) per factor (scale-free, default);
+    'paper': a in [0, lr_max] is the absolute learning rate of both factors, as in the paper."""
+    lr_max: float = 1.0
+    """Upper end of the 'paper' action space (the paper: 1, about 10x its bound)."""
+    log_range: float = 1.0
+    """Decades covered on each side of the bound by the 'log_bound' action."""
+    obs_features: tuple[str, ...] = DEFAULT_OBS
+    """Observation features, a subset of OBS_FEATURES (see NMFEnv's docstring)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    divergence_factor: float = 100.0
+    """A loss above this multiple of the initial loss (or a non-finite one) counts as divergence."""
+    target_loss: float | None = None
+    """Override of the family's target loss (absolute); None = the instance's own target."""
+    obs_clip: float = 100.0
+    """Observations are clipped to [-obs_clip, obs_clip] (and never non-finite)."""
+
+    def __post_init__(self):
+        if isinstance(self.reward, dict):
+            self.reward = RewardConfig(**self.reward)
+        self.obs_features = tuple(self.obs_features)
+        if self.action_mode not in ACTION_MODES:
+            raise ValueError(f"unknown action_mode {self.action_mode!r}; choose one of {ACTION_MODES}")
+        bad = [f for f in self.obs_features if f not in OBS_FEATURES]
+        if bad or not self.obs_features:
+            raise ValueError(f"unknown observation features {bad}; choose from {OBS_FEATURES}")
+        if not (isinstance(self.budget, (int, np.integer)) and self.budget >= 1):
+            raise ValueError(f"budget must be a positive integer number of epochs, got {self.budget!r}")
+        if not self.lr_max > 0 or not self.log_range > 0:
+            raise ValueError(f"lr_max and log_range must be > 0, got {self.lr_max}, {self.log_range}")
+        if not self.divergence_factor > 1:
+            raise ValueError(f"divergence_factor must be > 1, got {self.divergence_factor}")
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> "TaskConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(kw) - names
+        if unknown:
+            raise ValueError(f"unknown task options {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["obs_features"] = list(self.obs_features)
+        return d
+
+    # -------------------------------------------------------------- spaces
+    @property
+    def obs_dim(self) -> int:
+        return sum(2 if f == "bound" else 1 for f in self.obs_features)
+
+    def observation_space(self) -> gym.spaces.Box:
+        c = self.obs_clip
+        return gym.spaces.Box(-c, c, shape=(self.obs_dim,), dtype=np.float32)
+
+    def action_space(self) -> gym.spaces.Box:
+        if self.action_mode == "paper":
+            return gym.spaces.Box(0.0, self.lr_max, shape=(1,), dtype=np.float32)
+        return gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+
+    def actions_to_lr(self, actions: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Map (B,) raw actions to (B, 2) step sizes for (W, H) given (B, 2) Lipschitz constants.
+
+        Returns ``(lr, clipped_action, invalid)``: finite actions are clipped into the action space
+        (+-inf to its ends); NaN is *invalid* and the caller ends the episode as a divergence.
+        """
+        a = np.asarray(actions, dtype=np.float64).reshape(-1)
+        invalid = np.isnan(a)
+        space = self.action_space()
+        a = np.clip(np.where(invalid, space.low[0], a), space.low[0], space.high[0])
+        if self.action_mode == "paper":
+            lr = np.repeat(a[:, None], 2, axis=1)
+        else:
+            lr = (2.0 / np.maximum(L, _TINY)) * 10.0 ** (self.log_range * a[:, None])
+        return lr, a, invalid
+
+    def action_for_scale(self, scale: np.ndarray | float) -> np.ndarray:
+        """'log_bound' action that gives lr = scale * (2/L) (scale clipped into the covered range)."""
+        if self.action_mode != "log_bound":
+            raise ValueError("action_for_scale needs action_mode='log_bound'")
+        s = np.maximum(np.asarray(scale, dtype=np.float64), _TINY)
+        return np.clip(np.log10(s) / self.log_range, -1.0, 1.0).astype(np.float32)
+
+
+class EpisodeTracker:
+    """Per-instance episode state of ``B`` instances and the MDP's observation and reward rules."""
+
+    def __init__(self, cfg: TaskConfig, batch: int, has_heldout: bool):
+        self.cfg = cfg
+        self.B = batch
+        self.has_heldout = has_heldout
+        z = lambda: np.zeros(batch)  # noqa: E731
+        self.f0, self.g0, self.best, self.target, self.prev_action = z(), z(), z(), z(), z()
+        self.epoch = np.zeros(batch, dtype=np.int64)
+        self.stats = np.zeros((batch, 5))
+        self.done = np.zeros(batch, dtype=bool)
+
+    def reset(self, idx: np.ndarray | list[int], stats: np.ndarray, target: np.ndarray) -> None:
+        """Start new episodes in slots ``idx`` from their initial statistics."""
+        idx = np.asarray(idx)
+        self.stats[idx] = stats
+        self.f0[idx] = np.maximum(stats[:, STAT_LOSS], _TINY)
+        self.g0[idx] = np.maximum(stats[:, STAT_GRAD_NORM], _TINY)
+        self.best[idx] = stats[:, STAT_LOSS]
+        self.target[idx] = target if self.cfg.target_loss is None else self.cfg.target_loss
+        self.prev_action[idx] = 0.0
+        self.epoch[idx] = 0
+        self.done[idx] = False
+
+    def lipschitz(self) -> np.ndarray:
+        return self.stats[:, [STAT_L_W, STAT_L_H]]
+
+    def observe(self) -> np.ndarray:
+        """(B, obs_dim) float32 observations, always finite."""
+        s = self.stats
+        c = self.cfg.obs_clip
+        cols = []
+        with np.errstate(all="ignore"):
+            for f in self.cfg.obs_features:
+                if f == "loss":
+                    cols.append(np.log10(s[:, STAT_LOSS] / self.f0))
+                elif f == "epoch":
+                    cols.append(self.epoch / self.cfg.budget)
+                elif f == "grad_norm":
+                    cols.append(np.log10(s[:, STAT_GRAD_NORM] / self.g0))
+                elif f == "bound":
+                    cols.append(np.log10(2.0 / s[:, STAT_L_W]))
+                    cols.append(np.log10(2.0 / s[:, STAT_L_H]))
+                elif f == "prev_action":
+                    cols.append(self.prev_action)
+                elif f == "target_gap":
+                    cols.append(np.log10(s[:, STAT_LOSS] / self.target))
+        obs = np.stack(cols, axis=1)
+        return np.clip(np.nan_to_num(obs, nan=c, posinf=c, neginf=-c), -c, c).astype(np.float32)
+
+    def step(self, stats: np.ndarray, actions: np.ndarray, lr: np.ndarray, invalid: np.ndarray):
+        """Advance all instances by one epoch given the new statistics; returns
+        ``(obs, reward, terminated, truncated, infos)``."""
+        cfg, w = self.cfg, self.cfg.reward
+        prev_L = self.lipschitz().copy()
+        self.stats = stats
+        self.epoch += 1
+        self.prev_action = actions
+        loss = stats[:, STAT_LOSS]
+        with np.errstate(all="ignore"):
+            diverged = invalid | ~np.isfinite(loss) | (loss > cfg.divergence_factor * self.f0)
+            improved = ~diverged & (loss < self.best)
+            gain = np.where(improved, 100.0 * (self.best - loss) / np.maximum(self.best, _TINY), 0.0)
+        self.best = np.where(improved, loss, self.best)
+        reached = ~diverged & (self.best <= self.target)
+        remaining = cfg.budget - self.epoch
+        reward = (w.improvement * gain - w.time_cost
+                  + np.where(reached, w.remaining * remaining, 0.0)
+                  - np.where(diverged, w.divergence_penalty, 0.0))
+        terminated = diverged | reached
+        truncated = ~terminated & (self.epoch >= cfg.budget)
+        self.done = terminated | truncated
+        infos = [self.info(i, lr[i], 2.0 / np.maximum(prev_L[i], _TINY), diverged[i], reached[i], invalid[i])
+                 for i in range(self.B)]
+        return self.observe(), reward, terminated, truncated, infos
+
+    def info(self, i: int, lr=(0.0, 0.0), bound=None, diverged=False, reached=False, invalid=False) -> dict:
+        s = self.stats[i]
+        if bound is None:
+            bound = 2.0 / np.maximum(s[[STAT_L_W, STAT_L_H]], _TINY)
+        info = {
+            "epoch": int(self.epoch[i]),
+            "loss": float(s[STAT_LOSS]),
+            "best_loss": float(self.best[i]),
+            "target_loss": float(self.target[i]),
+            "grad_norm": float(s[STAT_GRAD_NORM]),
+            "lr_W": float(lr[0]),
+            "lr_H": float(lr[1]),
+            "bound_W": float(bound[0]),
+            "bound_H": float(bound[1]),
+            "diverged": bool(diverged),
+            "reached_target": bool(reached),
+            "invalid_action": bool(invalid),
+        }
+        if self.has_heldout:
+            info["heldout_mse"] = float(s[STAT_HELDOUT])
+        return info
