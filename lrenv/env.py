@@ -115,7 +115,7 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
         super().__init__()
         self.family = make_family(problem, **(problem_params or {}))
         self.instances = resolve_instances(instances)
-        self.task = TaskConfig.from_kwargs(budget=budget or self.family.budget, **task_kwargs)
+        self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget, **task_kwargs)
         self.engine = SGDEngine(engine_config(self.family, num_blocks, grad_noise, device, dtype), batch=1)
         self.tracker = EpisodeTracker(self.task, 1, self.family.has_heldout)
         self.observation_space = self.task.observation_space()

@@ -268,8 +268,8 @@ def illcond_family(*, m: int = 10, n: int = 6, hidden: int = 6, kappa: float = 1
                    budget: int = 500, num_blocks: int = 2) -> ProblemFamily:
     """Factorisation in thin disguise: a two-layer linear net ``W1 W2 ~ A`` with no sign constraint.
 
-    ``A`` (m x n) has U(0, 1) entries with row ``i`` scaled by ``linspace(1, 1/kappa, m)[i]``, so its
-    condition number is about ``kappa``; ``W1`` (m x hidden) and ``W2`` (hidden x n) start N(0, 1).
+    ``A`` (m x n) has U(0, 1) entries, each row multiplied elementwise by ``linspace(1, 1/kappa, n)``,
+    so its condition number is about ``kappa``; ``W1`` (m x hidden) and ``W2`` (hidden x n) start N(0, 1).
     The problem is realisable (F* = 0) but badly conditioned: plain GD and Adam stall, while
     Levenberg-Marquardt reaches ~5e-8 (the family's reference floor). Target: ``target_rel * ||A||^2/2``.
     """
@@ -283,7 +283,7 @@ def illcond_family(*, m: int = 10, n: int = 6, hidden: int = 6, kappa: float = 1
 
     def make(seed: int) -> Problem:
         rng = np.random.default_rng([seed, 0x111C])
-        A = rng.uniform(size=(m, n)) * np.linspace(1.0, 1.0 / kappa, m)[:, None]
+        A = rng.uniform(size=(m, n)) * np.linspace(1.0, 1.0 / kappa, n)  # every row times linspace
         return Problem(V=A, rank=hidden, init=init, target_loss=target_rel * 0.5 * float(np.sum(A * A)),
                        nonneg=False, info={"cond": float(np.linalg.cond(A))})
 
