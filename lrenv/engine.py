@@ -238,15 +238,16 @@ class SGDEngine:
 
     # ------------------------------------------------------------------ statistics
     def _flat(self, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(self.B, self.cfg.padded_rows, t.shape[-1])
+        return t.reshape(t.shape[0], self.cfg.padded_rows, t.shape[-1])
 
-    def _residual(self, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    def _residual(self, W: torch.Tensor, H: torch.Tensor, V: torch.Tensor | None = None) -> torch.Tensor:
         """The unweighted residual W H - V, flattened to (B, rows, n)."""
-        return torch.baddbmm(self._flat(self.V), self._flat(W), H, beta=-1)
+        return torch.baddbmm(self._flat(self.V if V is None else V), self._flat(W), H, beta=-1)
 
-    def _weighted(self, D: torch.Tensor) -> torch.Tensor:
+    def _weighted(self, D: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """M o D (a new tensor when weighted, D itself otherwise)."""
-        return D if self.weight is None else D * self._flat(self.weight)
+        weight = self.weight if weight is None else weight
+        return D if weight is None else D * self._flat(weight)
 
     def _loss(self, W: torch.Tensor, H: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         loss = 0.5 * _sqnorm(R)
@@ -254,35 +255,56 @@ class SGDEngine:
             loss = loss + 0.5 * self.cfg.reg * (_sqnorm(W * self.free_W) + _sqnorm(H * self.free_H))
         return loss
 
-    def evaluate(self) -> torch.Tensor:
+    def _slots(self, index) -> tuple[torch.Tensor | None, tuple]:
+        """The per-instance tensors of all slots (index None) or of the listed slots (gathered copies)."""
+        if index is None:
+            return None, (self.V, self.W, self.H, self.weight, self.heldout, self.heldout_count)
+        idx = torch.as_tensor(np.asarray(index, dtype=np.int64), device=self.V.device)
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return idx, (self.V[idx], self.W[idx], self.H[idx], pick(self.weight), pick(self.heldout),
+                     self.heldout_count[idx])
+
+    def evaluate(self, index=None) -> torch.Tensor:
         """(B, NUM_STATS) statistics at the current iterate; also stores the full gradients.
+
+        ``index`` (a sequence of slots) evaluates only those slots and returns (len(index), NUM_STATS)
+        rows in that order; the stored gradients of the other slots are left as they are.
 
         The gradient norm is the norm of the *projected* gradient for non-negative families
         (components at the bound whose gradient points outwards are dropped), so it vanishes at a
         constrained stationary point.
         """
         cfg = self.cfg
-        W, H = self.W, self.H
-        D = self._residual(W, H)
-        R = self._weighted(D)
+        idx, (V, W, H, weight, heldout, heldout_count) = self._slots(index)
+        Wf = self._flat(W)
+        D = self._residual(W, H, V)
+        R = D if weight is None else D * self._flat(weight)
         loss = self._loss(W, H, R)
-        gW = _times_transpose(R, H).reshape_as(W)
-        gH = torch.bmm(self._flat(W).transpose(1, 2), R)
+        gW = _times_transpose(R, H).reshape(W.shape)
+        gH = torch.bmm(Wf.transpose(1, 2), R)
         if cfg.reg:
             gW.add_(W * self.free_W, alpha=cfg.reg)
             gH.add_(H * self.free_H, alpha=cfg.reg)
         if self.has_fixed:
             gW.mul_(self.free_W)
             gH.mul_(self.free_H)
-        self.gW, self.gH = gW, gH
+        if idx is None:
+            self.gW, self.gH = gW, gH
+        else:
+            self.gW[idx] = gW
+            self.gH[idx] = gH
         if cfg.nonneg:  # at x = 0 only a negative gradient component can move x
             pgW = torch.where(W > 0, gW, gW.clamp(max=0))
             pgH = torch.where(H > 0, gH, gH.clamp(max=0))
         else:
             pgW, pgH = gW, gH
         gnorm = (_sqnorm(pgW) + _sqnorm(pgH)).sqrt()
-        L_W, L_H = self.lipschitz()
-        return torch.stack([loss, gnorm, L_W, L_H, self._heldout_mse(D)], dim=1)
+        L_W, L_H = self._lipschitz(Wf, H, weight)
+        if heldout is None:
+            held = torch.full_like(loss, float("nan"))
+        else:
+            held = _sqnorm(D * self._flat(heldout)) / heldout_count
+        return torch.stack([loss, gnorm, L_W, L_H, held], dim=1)
 
     def loss(self) -> torch.Tensor:
         """(B,) loss at the current iterate (what a plain training loop computes each epoch)."""
@@ -290,25 +312,31 @@ class SGDEngine:
 
     def _heldout_mse(self, D: torch.Tensor) -> torch.Tensor:
         if self.heldout is None:
-            return torch.full((self.B,), float("nan"), device=D.device, dtype=D.dtype)
+            return torch.full((D.shape[0],), float("nan"), device=D.device, dtype=D.dtype)
         return _sqnorm(D * self._flat(self.heldout)) / self.heldout_count
 
     def lipschitz(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-instance block Lipschitz constants (L_W, L_H), each of shape (B,)."""
+        return self._lipschitz(self._flat(self.W), self.H, self.weight)
+
+    def _lipschitz(self, Wf: torch.Tensor, H: torch.Tensor, weight: torch.Tensor | None):
         cfg = self.cfg
-        W = self._flat(self.W) * self.free_W  # fixed components are not stepped
-        H = self.H * self.free_H
+        if self.has_fixed:  # fixed components are not stepped
+            Wf = Wf * self.free_W
+            H = H * self.free_H
         if cfg.masked:
-            M = self._flat(self.weight)  # (B, rows, n)
+            M = self._flat(weight)  # (B, rows, n)
             # max over rows i of ||H diag(M_i) H^T||, and over columns j of ||W^T diag(M_:j) W||
             GW = torch.einsum("bkn,bin,bjn->bkij", M, H, H)
-            GH = torch.einsum("bmn,bmi,bmj->bnij", M, W, W)
+            GH = torch.einsum("bmn,bmi,bmj->bnij", M, Wf, Wf)
             L_W = _largest_eigenvalue(GW).amax(dim=1)
             L_H = _largest_eigenvalue(GH).amax(dim=1)
         else:  # one eigensolver call for both r x r Gram matrices
-            G = torch.stack([torch.bmm(H, H.transpose(1, 2)), torch.bmm(W.transpose(1, 2), W)], dim=1)
+            G = torch.stack([torch.bmm(H, H.transpose(1, 2)), torch.bmm(Wf.transpose(1, 2), Wf)], dim=1)
             L_W, L_H = _largest_eigenvalue(G).unbind(dim=1)
-        return L_W + cfg.reg, L_H + cfg.reg
+        if cfg.reg:
+            return L_W + cfg.reg, L_H + cfg.reg
+        return L_W, L_H
 
     def trial_loss(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss after a full-batch projected gradient step with step sizes ``lr`` (B, 2), not committed.
