@@ -1,0 +1,1 @@
+"""PPO training of learning-rate agents (stable-baselines3)."""

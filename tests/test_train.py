@@ -1,0 +1,100 @@
+"""PPO training end to end: train, save, reload, evaluate, TensorBoard tags, resume after a crash."""
+
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from agents.train import TrainConfig, latest_checkpoint, load_hyperparams, train
+from lrenv import NMFEnv
+from lrenv.problems import EVAL_SEEDS
+
+SMALL = dict(m=200, n=40, rank=5)
+
+
+def tiny_config(tmp_path, **kw) -> TrainConfig:
+    hp = load_hyperparams("small", ["n_timesteps:2048", "n_envs:2", "n_steps:256", "batch_size:128", "n_epochs:2",
+                                    "env_kwargs.budget:60"])
+    options = dict(eval_freq=1024, eval_episodes=2, checkpoint_freq=512, progress=False)
+    return TrainConfig(problem="small", problem_params=SMALL, hyperparams=hp, runs_dir=str(tmp_path),
+                       **{**options, **kw})
+
+
+def test_train_save_reload_evaluate_and_tensorboard(tmp_path):
+    run_dir = train(tiny_config(tmp_path))
+    assert run_dir.name.startswith("small__ppo__0__")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["train"]["hyperparams"]["n_envs"] == 2 and cfg["result"]["timesteps"] == 2048
+    assert cfg["env"]["problem_params"] == SMALL
+    for name in ("model.zip", "vecnormalize.pkl", "best_model.zip"):
+        assert (run_dir / name).exists(), name
+
+    # reload and run the learned schedule on a held-out instance
+    model = PPO.load(run_dir / "model.zip")
+    env = NMFEnv(instances="eval", **cfg["env"])
+    obs, info = env.reset(seed=0, options={"instance": EVAL_SEEDS[0]})
+    assert model.observation_space.shape == env.observation_space.shape
+    while True:
+        obs, r, te, tr, info = env.step(model.predict(obs, deterministic=True)[0])
+        if te or tr:
+            break
+    assert np.isfinite(info["loss"])
+
+    events = EventAccumulator(glob.glob(str(run_dir / "tb_*"))[0])
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("train/value_loss", "train/policy_gradient_loss", "eval/mean_reward", "episode/epochs",
+                "episode/diverged", "episode/mean_lr_scale", "eval/learned_epochs_to_target"):
+        assert tag in scalars, tag
+    assert "eval/schedule" in events.Tags()["images"]
+    raw = b"".join(Path(p).read_bytes() for p in glob.glob(str(run_dir / "tb_*" / "events*")))
+    assert b"_hparams_/session_start_info" in raw  # the HParams tab
+
+
+class Crash(BaseCallback):
+    """Simulates a crash (not a graceful interrupt) after ``at`` timesteps."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def _on_step(self):
+        if self.num_timesteps >= self.at:
+            raise RuntimeError("simulated crash")
+        return True
+
+
+def test_resume_after_crash_reaches_total_timesteps(tmp_path):
+    cfg = tiny_config(tmp_path, eval_freq=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, extra_callbacks=[Crash(1300)])
+    run_dir = next(Path(tmp_path).iterdir())
+    assert not (run_dir / "model.zip").exists()
+    _, pkl, steps = latest_checkpoint(run_dir)
+    assert steps == 1024 and pkl is not None
+    train(cfg, resume=run_dir)
+    model = PPO.load(run_dir / "model.zip")
+    assert model.num_timesteps == 2048
+    assert json.loads((run_dir / "config.json").read_text())["result"]["timesteps"] == 2048
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        latest_checkpoint(tmp_path / "run")
+
+
+def test_hyperparameter_overrides_and_errors():
+    hp = load_hyperparams("small", ["learning_rate:0.01", "env_kwargs.action_mode:paper", "n_envs:4"])
+    assert hp["learning_rate"] == 0.01 and hp["env_kwargs"]["action_mode"] == "paper" and hp["n_envs"] == 4
+    paper = load_hyperparams("paper")
+    assert paper["learning_rate"] == 0.01 and paper["env_kwargs"]["action_mode"] == "paper"
+    with pytest.raises(ValueError, match="Did you mean 'learning_rate'"):
+        load_hyperparams("small", ["learning_rat:0.1"])
+    with pytest.raises(ValueError, match="key:value"):
+        load_hyperparams("small", ["learning_rate=0.1"])
