@@ -1,0 +1,646 @@
+"""Score learning-rate schedules, reference solvers and trained agents on held-out instances.
+
+Every method runs on the same held-out instances ``EVAL_SEEDS[:seeds]`` from the same initial point
+per seed (the environment is reset with the same seed for every method), and is scored on the same
+loss. Python API: :func:`evaluate`; building blocks reused by training code: :func:`run_schedule`,
+:func:`trace_metrics`, :func:`aggregate`. Command line: ``lrenv evaluate --help``.
+
+Metrics per run (one row of ``results.csv``):
+
+=================== ==========================================================================
+epochs_to_target    first epoch whose loss is <= the target (NaN if never reached)
+wall_to_target      seconds of wall time until then (schedule + environment, or solver)
+final_loss          loss at the end of the run (NaN/inf if it diverged)
+best_loss           lowest finite loss seen
+heldout_mse         held-out mean squared error at the end (families with held-out entries)
+auc_log_loss        mean over epochs 1..budget of log10(loss / initial loss); a run that stopped
+                    early keeps its final value, a diverged one counts log10(divergence_factor)
+diverged            the run diverged (non-finite loss or above divergence_factor x initial)
+extra_loss_evals    loss evaluations beyond one per epoch (line searches, LM retries)
+mean_lr_W, mean_lr_H  mean step size applied; mean_scale_W, mean_scale_H: mean of lr / (2/L)
+=================== ==========================================================================
+
+Aggregates per method (``summary.json``/``summary.md``): success rate, mean and median epochs to
+target over the successful seeds with a seeded 95 % bootstrap CI of the mean, and the mean or median
+of the other metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import difflib
+import io
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .env import NMFEnv
+from .problems import DEFAULT_PROBLEM, EVAL_SEEDS
+from .schedules import (Armijo, BarzilaiBorwein, CosineDecay, FixedLR, FixedScale, PolicySchedule, Polyak,
+                        RandomUnderBound, RandomWalkBound, Schedule, TwoPhase, fixed_grid, load_policy)
+from .solvers import SOLVERS, SolverUnavailable, Trace, applicability, run_solver
+
+DEFAULT_SCALES = (0.2, 0.5, 1.0, 1.3, 1.6, 1.9)
+"""Fixed ``c`` of ``lr = c / L`` evaluated by ``fixed-scale`` (``c = 1`` is the mean of random-bound)."""
+BOOTSTRAP_SAMPLES = 2000
+
+Method = Schedule | str
+"""A method is a schedule object or the name of an outside solver (see :data:`lrenv.solvers.SOLVERS`)."""
+
+
+# ----------------------------------------------------------------------------- method registry
+def _grid_methods(grid: Sequence[float] | None) -> list[Method]:
+    return [FixedLR(lr) for lr in (grid if grid is not None else fixed_grid())]
+
+
+REGISTRY: dict[str, tuple[str, Callable[[Sequence[float] | None], list[Method]]]] = {
+    "fixed-grid": ("fixed absolute LR for both factors, the paper's 1e-5 ... 10 grid (or --grid)", _grid_methods),
+    "fixed-scale": (f"lr = c/L per factor for c in {DEFAULT_SCALES}", lambda g: [FixedScale(c) for c in DEFAULT_SCALES]),
+    "random-bound": ("lr = U(0,1) x 2/L, fresh each epoch (paper Fig. 3)", lambda g: [RandomUnderBound()]),
+    "random-walk": ("random walk of the scale within +-50 % around 0.6 x 2/L (paper Fig. 4)", lambda g: [RandomWalkBound()]),
+    "armijo": ("backtracking line search on the full-batch loss (extra loss evaluations)", lambda g: [Armijo()]),
+    "polyak": ("Polyak step (F - 0) / ||grad||^2", lambda g: [Polyak()]),
+    "bb": ("Barzilai-Borwein step from successive epochs", lambda g: [BarzilaiBorwein()]),
+    "cosine": ("cosine decay from 0.9 x 2/L to 0.05 x 2/L over the budget", lambda g: [CosineDecay()]),
+    "two-phase": ("c = 1.8 for the first 30 % of the budget, then c = 0.8 (SPEC 5)", lambda g: [TwoPhase()]),
+    "adam": ("Adam + ReduceLROnPlateau on the same minibatches (outside the env)", lambda g: ["adam"]),
+    "sklearn-cd": ("scikit-learn NMF, coordinate descent, one iteration per epoch", lambda g: ["sklearn-cd"]),
+    "sklearn-mu": ("scikit-learn NMF, multiplicative updates, one iteration per epoch", lambda g: ["sklearn-mu"]),
+    "lm": ("Levenberg-Marquardt, damped Gauss-Newton on all parameters (small problems)", lambda g: ["lm"]),
+}
+PARAMETRIC = {"fixed-lr": FixedLR, "fixed-c": FixedScale}
+"""``fixed-lr=0.01`` and ``fixed-c=1.3`` name one fixed schedule."""
+
+
+def method_name(m: Method) -> str:
+    return m if isinstance(m, str) else m.name
+
+
+def resolve_methods(methods: Iterable[Method | str] | str, grid: Sequence[float] | None = None) -> list[Method]:
+    """Expand names (``'all'``, registry names, ``fixed-lr=X``, ``fixed-c=C``, comma lists) and keep
+    schedule objects; unknown names raise ValueError with a close-match suggestion."""
+    if isinstance(methods, str):
+        methods = [s.strip() for s in methods.split(",") if s.strip()]
+    out: list[Method] = []
+    for m in methods:
+        if isinstance(m, Schedule):
+            out.append(m)
+            continue
+        if not isinstance(m, str):
+            raise ValueError(f"a method must be a Schedule or a name, got {type(m).__name__}")
+        if m == "all":
+            for _, factory in REGISTRY.values():
+                out.extend(factory(grid))
+        elif m in REGISTRY:
+            out.extend(REGISTRY[m][1](grid))
+        elif "=" in m and m.split("=", 1)[0] in PARAMETRIC:
+            key, value = m.split("=", 1)
+            try:
+                out.append(PARAMETRIC[key](float(value)))
+            except ValueError as e:
+                raise ValueError(f"bad method {m!r}: {e}") from e
+        else:
+            known = [*REGISTRY, "all", *(f"{k}=" for k in PARAMETRIC)]
+            close = difflib.get_close_matches(m, known, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown method {m!r}.{hint} Known methods: {', '.join(known)} "
+                             "(fixed-lr=LR and fixed-c=C name one fixed schedule)")
+    if not out:
+        raise ValueError("no methods to evaluate")
+    unique: list[Method] = []
+    names: dict[str, int] = {}
+    for m in out:  # unique names: results are keyed by them
+        name = method_name(m)
+        if name in names and isinstance(m, str):
+            continue  # a solver named twice runs once
+        if name in names:
+            names[name] += 1
+            m.name = f"{name}#{names[name]}"
+        else:
+            names[name] = 1
+        unique.append(m)
+    return unique
+
+
+# ----------------------------------------------------------------------------- one run
+def schedule_env_kwargs(schedule: Schedule, env_kwargs: dict) -> dict:
+    """The env kwargs for ``schedule``: the evaluation's, its action mode and its overrides."""
+    return {"instances": "eval", **env_kwargs, "action_mode": schedule.action_mode, **schedule.env_overrides}
+
+
+def run_schedule(schedule: Schedule, env_kwargs: dict, seed_index: int, *, seed: int = 0,
+                 env: NMFEnv | None = None) -> Trace:
+    """Run ``schedule`` for one episode on held-out instance ``EVAL_SEEDS[seed_index]`` (reset seed
+    ``seed + seed_index``, so every method starts from the same point) and return its :class:`Trace`.
+
+    ``env_kwargs`` are :class:`lrenv.NMFEnv` keywords (problem, problem_params, budget, device, ...);
+    the schedule's action mode and overrides are added. Pass ``env`` to reuse an environment built
+    with :func:`schedule_env_kwargs`.
+    """
+    env = env or NMFEnv(**schedule_env_kwargs(schedule, env_kwargs))
+    if isinstance(schedule, PolicySchedule):
+        schedule.check_spaces(env.observation_space, env.action_space)
+    instance = int(EVAL_SEEDS[seed_index])
+    obs, info = env.reset(seed=seed + seed_index, options={"instance": instance})
+    schedule.reset(env.oracle, np.random.default_rng([seed, seed_index, 1]))
+    budget = env.task.budget
+    loss, wall = [info["loss"]], [0.0]
+    lr_W, lr_H, b_W, b_H = [], [], [], []
+    state, start = None, np.ones(1, dtype=bool)
+    t0 = time.perf_counter()
+    while True:
+        action, state = schedule.predict(obs, state=state, episode_start=start, deterministic=True)
+        start = np.zeros(1, dtype=bool)
+        obs, _, terminated, truncated, info = env.step(action)
+        wall.append(time.perf_counter() - t0)
+        loss.append(info["loss"])
+        lr_W.append(info["lr_W"])
+        lr_H.append(info["lr_H"])
+        b_W.append(info["bound_W"])
+        b_H.append(info["bound_H"])
+        if terminated or truncated:
+            break
+    return Trace(method=schedule.name, seed_index=seed_index, instance=instance, target_loss=info["target_loss"],
+                 loss=np.array(loss), wall=np.array(wall), lr_W=np.array(lr_W), lr_H=np.array(lr_H),
+                 bound_W=np.array(b_W), bound_H=np.array(b_H), budget=budget, diverged=bool(info["diverged"]),
+                 reached_target=bool(info["reached_target"]), heldout_mse=float(info.get("heldout_mse", math.nan)),
+                 extra_loss_evals=int(schedule.extra_loss_evals), divergence_factor=env.task.divergence_factor)
+
+
+# ----------------------------------------------------------------------------- metrics
+RESULT_COLUMNS = ("method", "seed_index", "instance", "epochs", "reached_target", "diverged", "epochs_to_target",
+                  "wall_to_target", "wall_time", "initial_loss", "final_loss", "best_loss", "target_loss",
+                  "heldout_mse", "auc_log_loss", "extra_loss_evals", "mean_lr_W", "mean_lr_H", "mean_scale_W",
+                  "mean_scale_H")
+
+
+def auc_log_loss(loss: np.ndarray, budget: int, *, diverged: bool = False, divergence_factor: float = 100.0) -> float:
+    """Mean of ``log10(loss_t / loss_0)`` over epochs ``1..budget``: a run that ended early keeps its
+    final value for the remaining epochs; non-finite values (and everything after a divergence) count
+    as ``log10(divergence_factor)``."""
+    loss = np.asarray(loss, dtype=np.float64)
+    f0 = loss[0]
+    cap = math.log10(divergence_factor)
+    with np.errstate(all="ignore"):
+        rel = np.log10(loss[1:budget + 1] / f0)
+    rel = np.where(np.isfinite(rel), np.minimum(rel, cap), cap)
+    if len(rel) == 0:
+        return 0.0
+    tail = cap if diverged else rel[-1]
+    padded = np.concatenate([rel, np.full(budget - len(rel), tail)])
+    return float(padded.mean())
+
+
+def epochs_to_target(loss: np.ndarray, target: float) -> float:
+    """First epoch index whose loss is <= ``target`` (0 = the initial point), NaN if none."""
+    hit = np.nonzero(np.asarray(loss, dtype=np.float64) <= target)[0]
+    return float(hit[0]) if len(hit) else math.nan
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if len(x) else math.nan
+
+
+def trace_metrics(tr: Trace) -> dict[str, Any]:
+    """One results row from a :class:`Trace`."""
+    ett = epochs_to_target(tr.loss, tr.target_loss)
+    finite = tr.loss[np.isfinite(tr.loss)]
+    with np.errstate(all="ignore"):
+        sW, sH = tr.lr_W / tr.bound_W, tr.lr_H / tr.bound_H
+    return {
+        "method": tr.method, "seed_index": tr.seed_index, "instance": tr.instance, "epochs": len(tr.loss) - 1,
+        "reached_target": not math.isnan(ett), "diverged": bool(tr.diverged), "epochs_to_target": ett,
+        "wall_to_target": float(tr.wall[int(ett)]) if not math.isnan(ett) else math.nan,
+        "wall_time": float(tr.wall[-1]), "initial_loss": float(tr.loss[0]), "final_loss": float(tr.loss[-1]),
+        "best_loss": float(finite.min()) if len(finite) else math.nan, "target_loss": float(tr.target_loss),
+        "heldout_mse": float(tr.heldout_mse),
+        "auc_log_loss": auc_log_loss(tr.loss, tr.budget, diverged=tr.diverged, divergence_factor=tr.divergence_factor),
+        "extra_loss_evals": int(tr.extra_loss_evals), "mean_lr_W": _nanmean(tr.lr_W), "mean_lr_H": _nanmean(tr.lr_H),
+        "mean_scale_W": _nanmean(sW), "mean_scale_H": _nanmean(sH),
+    }
+
+
+def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, samples: int = BOOTSTRAP_SAMPLES,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of the finite ``values`` (seeded); NaNs if none."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return math.nan, math.nan
+    if len(x) == 1:
+        return float(x[0]), float(x[0])
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(samples, len(x)))].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def _stat(rows: list[dict], key: str, fn: Callable[[np.ndarray], Any]) -> float:
+    x = np.array([r[key] for r in rows], dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return float(fn(x)) if len(x) else math.nan
+
+
+def aggregate(rows: list[dict], *, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per-method aggregates of results rows, in the order methods first appear."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for name, rs in by.items():
+        ett = [r["epochs_to_target"] for r in rs if r["reached_target"]]
+        lo, hi = bootstrap_ci(ett, seed=seed)
+        auc_lo, auc_hi = bootstrap_ci([r["auc_log_loss"] for r in rs], seed=seed)
+        out[name] = {
+            "runs": len(rs),
+            "success_rate": sum(bool(r["reached_target"]) for r in rs) / len(rs),
+            "diverged_rate": sum(bool(r["diverged"]) for r in rs) / len(rs),
+            "epochs_to_target_mean": float(np.mean(ett)) if ett else math.nan,
+            "epochs_to_target_median": float(np.median(ett)) if ett else math.nan,
+            "epochs_to_target_ci95": [lo, hi],
+            "wall_to_target_median": _stat(rs, "wall_to_target", np.median),
+            "wall_time_mean": _stat(rs, "wall_time", np.mean),
+            "final_loss_median": _stat(rs, "final_loss", np.median),
+            "best_loss_median": _stat(rs, "best_loss", np.median),
+            "heldout_mse_median": _stat(rs, "heldout_mse", np.median),
+            "auc_log_loss_mean": _stat(rs, "auc_log_loss", np.mean),
+            "auc_log_loss_ci95": [auc_lo, auc_hi],
+            "extra_loss_evals_mean": _stat(rs, "extra_loss_evals", np.mean),
+            "mean_lr_W_mean": _stat(rs, "mean_lr_W", np.mean),
+            "mean_scale_W_mean": _stat(rs, "mean_scale_W", np.mean),
+        }
+    return out
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return format(x, spec)
+
+
+def summary_markdown(summary: dict[str, dict[str, Any]], *, heldout: bool = False, title: str = "") -> str:
+    """The per-method summary as a Markdown table."""
+    cols = ["method", "success", "epochs to target: mean [95% CI]", "median", "time to target (s)",
+            "final loss (median)", "AUC log10 loss", *(["held-out MSE"] if heldout else []), "diverged",
+            "mean lr_W/(2/L_W)", "extra evals"]
+    lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(cols) + " |",
+                                                       "|" + "|".join("---" for _ in cols) + "|"]
+    for name, s in summary.items():
+        lo, hi = s["epochs_to_target_ci95"]
+        ett = ("–" if math.isnan(s["epochs_to_target_mean"]) else
+               f"{s['epochs_to_target_mean']:.1f} [{lo:.1f}, {hi:.1f}]")
+        cells = [name, f"{s['success_rate']:.2f}", ett, _fmt(s["epochs_to_target_median"], ".1f"),
+                 _fmt(s["wall_to_target_median"], ".3f"), _fmt(s["final_loss_median"]), _fmt(s["auc_log_loss_mean"], ".3f"),
+                 *([_fmt(s["heldout_mse_median"])] if heldout else []), f"{s['diverged_rate']:.2f}",
+                 _fmt(s["mean_scale_W_mean"], ".3f"), _fmt(s["extra_loss_evals_mean"], ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- files
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, range):
+        return [o.start, o.stop]
+    return str(o)
+
+
+def _clean(o: Any) -> Any:
+    """NaN/inf -> None so that the JSON is standard."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def write_json(path: str, obj: Any) -> None:
+    _atomic_write(path, json.dumps(_clean(obj), indent=2, default=_json_default) + "\n")
+
+
+def write_results_csv(path: str, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(RESULT_COLUMNS), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+    _atomic_write(path, buf.getvalue())
+
+
+def read_results_csv(path: str) -> list[dict]:
+    """Read ``results.csv`` back with the types :func:`trace_metrics` produces."""
+    ints = {"seed_index", "instance", "epochs", "extra_loss_evals"}
+    bools = {"reached_target", "diverged"}
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            rows.append({k: (v if k == "method" else int(v) if k in ints else v == "True" if k in bools else float(v))
+                         for k, v in r.items()})
+    return rows
+
+
+def default_out_dir(problem: str, seed: int, root: str = "runs") -> str:
+    name = os.path.splitext(os.path.basename(str(problem)))[0] or "problem"
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(root, f"{name}__eval__{seed}__{stamp}")
+
+
+def reserve_out_dir(out_dir: str | None, problem: str, seed: int) -> str:
+    """Create the result directory; never reuse one: an explicit existing non-empty ``out_dir`` is an
+    error, a default name that exists gets a ``-2``, ``-3``... suffix."""
+    if out_dir is not None:
+        if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+            raise ValueError(f"output directory {out_dir} already exists and is not empty; refusing to overwrite "
+                             "results (choose another --out)")
+        os.makedirs(out_dir, exist_ok=True)
+        return out_dir
+    base = default_out_dir(problem, seed)
+    candidate, k = base, 1
+    while True:
+        try:
+            os.makedirs(candidate, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            k += 1
+            candidate = f"{base}-{k}"
+
+
+# ----------------------------------------------------------------------------- the harness
+@dataclass
+class EvalResult:
+    """Everything an evaluation produced."""
+
+    rows: list[dict]
+    summary: dict[str, dict[str, Any]]
+    traces: dict[str, list[Trace]]
+    config: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    out_dir: str | None = None
+    markdown: str = ""
+
+
+def _validate(seeds: int, budget: int | None, grid: Sequence[float] | None) -> None:
+    if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)) or not 1 <= seeds <= len(EVAL_SEEDS):
+        raise ValueError(f"seeds must be an integer between 1 and {len(EVAL_SEEDS)} (number of held-out "
+                         f"instances), got {seeds!r}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1):
+        raise ValueError(f"budget must be a positive integer number of epochs, got {budget!r}")
+    if grid is not None:
+        grid = list(grid)
+        if not grid:
+            raise ValueError("the fixed learning-rate grid is empty")
+        bad = [g for g in grid if not (isinstance(g, (int, float, np.floating)) and math.isfinite(g) and g > 0)]
+        if bad:
+            raise ValueError(f"fixed learning-rate grid values must be positive and finite, got {bad}")
+
+
+def evaluate(methods: Iterable[Method] | str = "all", problem: str = DEFAULT_PROBLEM, problem_params: dict | None = None,
+             seeds: int = 10, budget: int | None = None, device: str = "cpu", out_dir: str | None = None,
+             progress: bool = True, *, seed: int = 0, grid: Sequence[float] | None = None, dtype: str = "float32",
+             num_blocks: int | None = None, save: bool = True, tensorboard: bool = True,
+             solver_options: dict[str, dict] | None = None, verbose: bool = True,
+             threads: int | None = 1) -> EvalResult:
+    """Run every method on held-out instances ``EVAL_SEEDS[:seeds]`` and score them.
+
+    ``methods``: schedules, solver names or registry names (``'all'``: every method applicable to the
+    family; explicitly named solvers that do not apply are skipped with a note). ``save=False`` writes
+    nothing. Returns an :class:`EvalResult`; with ``save`` the directory holds ``results.csv``,
+    ``summary.json``, ``summary.md``, ``config.json``, ``loss_curves.png``, ``lr_history.png`` and
+    TensorBoard logs in ``tb/``. ``threads``: torch CPU threads during the evaluation (default 1:
+    these problems are too small to gain from more, and spinning threads on a busy machine cost
+    10-1000x; None keeps torch's setting).
+    """
+    _validate(seeds, budget, grid)
+    from threadpoolctl import threadpool_limits
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        with threadpool_limits(threads):  # numpy/scikit-learn BLAS threads of the outside solvers
+                return _evaluate(methods, problem, problem_params, seeds, budget, device, out_dir, progress, seed=seed,
+                             grid=grid, dtype=dtype, num_blocks=num_blocks, save=save, tensorboard=tensorboard,
+                             solver_options=solver_options, verbose=verbose)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _evaluate(methods: Iterable[Method] | str, problem: str, problem_params: dict | None, seeds: int,
+              budget: int | None, device: str, out_dir: str | None, progress: bool, *, seed: int,
+              grid: Sequence[float] | None, dtype: str, num_blocks: int | None, save: bool, tensorboard: bool,
+              solver_options: dict[str, dict] | None, verbose: bool) -> EvalResult:
+    from tqdm.auto import tqdm
+
+    resolved = resolve_methods(methods, grid)
+    env_kwargs: dict[str, Any] = {"problem": problem, "problem_params": dict(problem_params or {}), "budget": budget,
+                                  "device": device, "dtype": dtype, "num_blocks": num_blocks}
+    probe = NMFEnv(**{"instances": "eval", **env_kwargs})  # validates problem, params and budget early
+    budget = probe.task.budget
+    env_kwargs["budget"] = budget
+    notes: list[str] = []
+    runnable: list[Method] = []
+    for m in resolved:
+        if isinstance(m, str):
+            reason = applicability(m, probe)
+            if reason:
+                notes.append(f"skipped {reason}")
+                continue
+        runnable.append(m)
+    if not runnable:
+        raise ValueError("none of the requested methods applies to this problem: " + "; ".join(notes))
+    out = reserve_out_dir(out_dir, problem, seed) if save else None
+
+    rows: list[dict] = []
+    traces: dict[str, list[Trace]] = {}
+    bar = tqdm(total=len(runnable) * seeds, desc=f"evaluate {probe.family.name}", disable=not progress, unit="run")
+    for m in runnable:
+        name = method_name(m)
+        env = NMFEnv(**schedule_env_kwargs(m, env_kwargs)) if isinstance(m, Schedule) else probe
+        for i in range(seeds):
+            bar.set_postfix_str(name)
+            if isinstance(m, Schedule):
+                tr = run_schedule(m, env_kwargs, i, seed=seed, env=env)
+            else:
+                try:
+                    tr = run_solver(m, env_kwargs, i, seed=seed, env=env, options=(solver_options or {}).get(m))
+                except SolverUnavailable as e:  # pragma: no cover - filtered above
+                    notes.append(f"skipped {e}")
+                    break
+            traces.setdefault(name, []).append(tr)
+            rows.append(trace_metrics(tr))
+            bar.update(1)
+    bar.close()
+
+    summary = aggregate(rows, seed=seed)
+    fam = probe.family
+    config = {
+        "problem": problem, "family": fam.name, "family_params": fam.params, "description": fam.description,
+        "problem_params": env_kwargs["problem_params"], "seeds": seeds, "instances": [int(EVAL_SEEDS[i]) for i in range(seeds)],
+        "reset_seeds": [seed + i for i in range(seeds)], "seed": seed, "budget": budget, "device": device, "dtype": dtype,
+        "num_blocks": probe.engine.cfg.num_blocks, "grid": list(grid) if grid is not None else None,
+        "methods": [m.describe() if isinstance(m, Schedule) else {"name": m, "class": "solver"} for m in runnable],
+        "notes": notes, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "bootstrap_samples": BOOTSTRAP_SAMPLES,
+    }
+    title = f"{fam.description}: {seeds} held-out seeds, budget {budget}"
+    markdown = summary_markdown(summary, heldout=fam.has_heldout, title=title)
+    if notes:
+        markdown += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    result = EvalResult(rows=rows, summary=summary, traces=traces, config=config, notes=notes, out_dir=out,
+                        markdown=markdown)
+    if out is not None:
+        write_outputs(result, tensorboard=tensorboard)
+    if verbose:
+        print(markdown)
+        if out is not None:
+            print(f"results in {out}")
+    return result
+
+
+def curves(traces: dict[str, list[Trace]]) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
+    """Loss curves per method, and the W learning rate relative to its bound (schedules only)."""
+    loss = {k: [t.loss for t in v] for k, v in traces.items()}
+    with np.errstate(all="ignore"):
+        scale = {k: [t.lr_W / t.bound_W for t in v] for k, v in traces.items()
+                 if any(np.isfinite(t.bound_W).any() for t in v)}
+    return loss, scale
+
+
+def write_outputs(result: EvalResult, *, tensorboard: bool = True) -> None:
+    """Write results.csv, summary.json/md, config.json, the figures and TensorBoard logs."""
+    from .plots import loss_curve_figure, lr_history_figure, save_figure
+    out = result.out_dir
+    assert out is not None
+    write_results_csv(os.path.join(out, "results.csv"), result.rows)
+    write_json(os.path.join(out, "summary.json"), {"title": result.config.get("description"), "methods": result.summary,
+                                                   "notes": result.notes})
+    _atomic_write(os.path.join(out, "summary.md"), result.markdown)
+    write_json(os.path.join(out, "config.json"), result.config)
+    loss, scale = curves(result.traces)
+    targets = [t.target_loss for v in result.traces.values() for t in v]
+    target = float(np.median(targets)) if targets else None
+    figs = {"loss_curves": lambda: loss_curve_figure(loss, target=target), "lr_history": lambda: lr_history_figure(scale)}
+    writer = None
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(out, "tb"))
+    for name, make in figs.items():
+        save_figure(make(), os.path.join(out, f"{name}.png"))
+        if writer is not None:
+            writer.add_figure(name, make(), close=True)
+    if writer is not None:
+        from .plots import pad_curves
+        for method, cs in loss.items():
+            tag = method.replace(" ", "_")
+            with np.errstate(all="ignore"):
+                med = np.nanmedian(np.where(np.isfinite(pad_curves(cs)), pad_curves(cs), np.nan), axis=0)
+            for t, v in enumerate(med):
+                if np.isfinite(v):
+                    writer.add_scalar(f"median_loss/{tag}", float(v), t)
+            for key in ("success_rate", "epochs_to_target_mean", "auc_log_loss_mean", "final_loss_median"):
+                v = result.summary[method][key]
+                if isinstance(v, float) and math.isfinite(v):
+                    writer.add_scalar(f"summary/{key}/{tag}", v, 0)
+        writer.close()
+
+
+# ----------------------------------------------------------------------------- CLI
+def _parse_value(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_problem_params(pairs: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--problem-param expects key=value, got {pair!r}")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = _parse_value(v.strip())
+    return out
+
+
+def parse_grid(text: str | None) -> list[float] | None:
+    """``'1e-4,1e-3,0.01'`` or ``'lo:hi:n'`` (log-spaced) -> list of learning rates."""
+    if text is None:
+        return None
+    try:
+        if ":" in text:
+            lo, hi, n = text.split(":")
+            return fixed_grid(float(lo), float(hi), int(n))
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"--grid: expected a comma list of learning rates or lo:hi:n, got {text!r} ({e})") from e
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    methods = "; ".join(f"{k}: {v[0]}" for k, v in REGISTRY.items())
+    p.description = ("Score learning-rate schedules, reference solvers and trained agents on held-out instances "
+                     "(EVAL_SEEDS[:seeds]); every method starts from the same initial point per seed. Writes "
+                     "results.csv, summary.json/.md, config.json, figures and TensorBoard logs to the output directory "
+                     "and prints the summary table.")
+    p.add_argument("--problem", default=DEFAULT_PROBLEM, help="problem family (small, medium, paper, sales, tutorial, "
+                   "illcond, digits) or a path to a .npy/.npz/.csv/.mtx matrix")
+    p.add_argument("--problem-param", action="append", metavar="KEY=VALUE",
+                   help="family parameter, e.g. m=200 or rank=5 (repeatable)")
+    p.add_argument("--methods", default="all", help=f"comma-separated methods, 'all' = every one applicable to the "
+                   f"family; fixed-lr=LR and fixed-c=C name one fixed schedule. Methods: {methods}")
+    p.add_argument("--model", action="append", metavar="PATH", default=[],
+                   help="a trained agent: run directory (model.zip, config.json, vecnormalize.pkl) or model .zip; "
+                        "adds one row per model (repeatable)")
+    p.add_argument("--seeds", type=int, default=10, help="number of held-out instances")
+    p.add_argument("--seed", type=int, default=0, help="base reset seed (initial factors, minibatch order, bootstrap)")
+    p.add_argument("--budget", type=int, default=None, help="epoch budget (default: the family's)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument("--grid", default=None, metavar="LRS",
+                   help="fixed learning-rate grid for fixed-grid: comma list or lo:hi:n log-spaced (default 1e-5:10:7)")
+    p.add_argument("--out", default=None, help="output directory (default runs/{problem}__eval__{seed}__{time}); "
+                   "an existing non-empty directory is never overwritten")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+
+
+def run(args: argparse.Namespace) -> int:
+    methods: list[Method] = list(resolve_methods(args.methods, parse_grid(args.grid))) if args.methods else []
+    for path in args.model:
+        methods.append(load_policy(path))
+    if not methods:
+        raise ValueError("nothing to evaluate: give --methods and/or --model")
+    evaluate(methods, problem=args.problem, problem_params=parse_problem_params(args.problem_param), seeds=args.seeds,
+             budget=args.budget, device=args.device, out_dir=args.out, progress=not args.no_progress, seed=args.seed,
+             grid=parse_grid(args.grid), tensorboard=not args.no_tensorboard, threads=args.threads or None)
+    return 0

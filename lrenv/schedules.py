@@ -1,0 +1,382 @@
+"""Learning-rate schedules: hand-made baselines and trained policies, all behind one small interface.
+
+A :class:`Schedule` drives an :class:`lrenv.NMFEnv` exactly like a stable-baselines3 model does:
+``action, state = schedule.predict(obs)``. Before each episode the harness calls
+``schedule.reset(env.oracle, rng)``; schedules that need more than the observation (the bound 2/L,
+the gradient, trial steps) ask the :class:`lrenv.env.LROracle`, which always refers to the current
+iterate. A schedule states the environment it needs: ``action_mode`` and ``env_overrides`` (extra
+:class:`lrenv.task.TaskConfig` keywords such as ``lr_max`` or ``log_range``).
+
+Conventions: a *scale* ``s`` means ``lr = s * (2/L)`` per factor (``s < 1`` is below the stability
+bound); the constant ``c`` of SPEC §5 is ``lr = c / L``, i.e. ``s = c / 2``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+from typing import Any
+
+import numpy as np
+
+from .env import LROracle
+from .task import TaskConfig
+
+LOG_RANGE = 3.0
+"""Decades each side of the bound used by the log_bound schedules (lr from 1e-3 to 1e3 times 2/L)."""
+_BOUND_ENV = {"log_range": LOG_RANGE}
+
+
+def _act(x: float | np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32).reshape(1)
+
+
+class Schedule:
+    """Base class: a learning-rate rule with the SB3 ``predict`` signature."""
+
+    name: str = "schedule"
+    action_mode: str = "log_bound"
+    env_overrides: dict[str, Any] = {}
+
+    def __init__(self) -> None:
+        self.extra_loss_evals = 0
+        self.oracle: LROracle | None = None
+        self.rng = np.random.default_rng(0)
+        self.epoch = 0
+
+    def reset(self, oracle: LROracle, rng: np.random.Generator | None = None) -> None:
+        """Start an episode: ``oracle`` is the handle of the environment just reset."""
+        self.oracle = oracle
+        self.rng = rng if rng is not None else np.random.default_rng(0)
+        self.extra_loss_evals = 0
+        self.epoch = 0
+
+    @property
+    def task(self) -> TaskConfig:
+        if self.oracle is None:
+            raise RuntimeError(f"{self.name}: call reset(env.oracle, rng) before predict()")
+        return self.oracle.task
+
+    def predict(self, obs: np.ndarray, state: Any = None, episode_start: Any = None,
+                deterministic: bool = True) -> tuple[np.ndarray, Any]:
+        action = self._action(np.asarray(obs))
+        self.epoch += 1
+        return _act(action), state
+
+    def _action(self, obs: np.ndarray) -> float | np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Name and settings (for config.json)."""
+        return {"name": self.name, "class": type(self).__name__, "action_mode": self.action_mode,
+                "env_overrides": dict(self.env_overrides)}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class ScaleSchedule(Schedule):
+    """A schedule that picks a scale ``s`` of the per-factor bound each epoch (log_bound mode)."""
+
+    action_mode = "log_bound"
+    env_overrides = _BOUND_ENV
+
+    def _action(self, obs: np.ndarray) -> np.ndarray:
+        return self.task.action_for_scale(self.scale())
+
+    def scale(self) -> float:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- fixed
+def fixed_grid(lo: float = 1e-5, hi: float = 10.0, n: int = 7) -> list[float]:
+    """``n`` log-spaced learning rates from ``lo`` to ``hi`` (the paper's 1e-5 ... 10 grid)."""
+    if not (n >= 1 and int(n) == n):
+        raise ValueError(f"fixed grid: n must be a positive integer, got {n!r}")
+    if not (0 < lo <= hi) or not math.isfinite(hi):
+        raise ValueError(f"fixed grid: need 0 < lo <= hi < inf, got lo={lo}, hi={hi}")
+    if n == 1:
+        return [float(lo)]
+    return [float(x) for x in np.logspace(math.log10(lo), math.log10(hi), int(n))]
+
+
+class FixedLR(Schedule):
+    """The same absolute learning rate for both factors every epoch (paper mode, as in the paper)."""
+
+    action_mode = "paper"
+
+    def __init__(self, lr: float):
+        super().__init__()
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"FixedLR: lr must be positive and finite, got {lr!r}")
+        self.lr = float(lr)
+        self.name = f"fixed lr={self.lr:.0e}"
+        self.env_overrides = {"lr_max": max(1.0, self.lr)}
+
+    def _action(self, obs: np.ndarray) -> float:
+        return self.lr
+
+
+class FixedScale(ScaleSchedule):
+    """``lr = c / L`` per factor, recomputed every epoch (``c < 2`` is below the bound)."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        if not c > 0:
+            raise ValueError(f"FixedScale: c must be > 0, got {c!r}")
+        self.c = float(c)
+        self.name = f"fixed c={self.c:g}"
+
+    def scale(self) -> float:
+        return self.c / 2.0
+
+
+class RandomUnderBound(ScaleSchedule):
+    """``lr = u * 2/L`` with a fresh ``u ~ U(0, 1)`` each epoch (paper Fig. 3); mean ``c = 1``."""
+
+    name = "random-bound"
+
+    def scale(self) -> float:
+        return float(self.rng.uniform(0.0, 1.0))
+
+
+class RandomWalkBound(ScaleSchedule):
+    """A random walk of the scale within +-``width`` of ``center`` (paper Fig. 4), always below the bound.
+
+    Each epoch the scale moves by ``N(0, step)`` and is reflected into ``[center(1-width), center(1+width)]``.
+    """
+
+    name = "random-walk"
+
+    def __init__(self, center: float = 0.6, width: float = 0.5, step: float = 0.1):
+        super().__init__()
+        if not (0 < width < 1 and center > 0 and center * (1 + width) <= 1.0):
+            raise ValueError(f"RandomWalkBound: need 0 < width < 1 and center*(1+width) <= 1, got "
+                             f"center={center}, width={width}")
+        self.center, self.width, self.step = float(center), float(width), float(step)
+        self.s = self.center
+
+    def reset(self, oracle: LROracle, rng: np.random.Generator | None = None) -> None:
+        super().reset(oracle, rng)
+        self.s = self.center
+
+    def scale(self) -> float:
+        lo, hi = self.center * (1 - self.width), self.center * (1 + self.width)
+        s = self.s + float(self.rng.normal(0.0, self.step))
+        while not lo <= s <= hi:  # reflect at the edges
+            s = 2 * lo - s if s < lo else 2 * hi - s
+        self.s = s
+        return s
+
+
+class CosineDecay(ScaleSchedule):
+    """Cosine decay of the scale from ``peak`` to ``final`` over the budget."""
+
+    name = "cosine"
+
+    def __init__(self, peak: float = 0.9, final: float = 0.05):
+        super().__init__()
+        if not 0 < final <= peak:
+            raise ValueError(f"CosineDecay: need 0 < final <= peak, got {final}, {peak}")
+        self.peak, self.final = float(peak), float(final)
+
+    def scale(self) -> float:
+        frac = min(self.epoch / max(self.task.budget - 1, 1), 1.0)
+        return self.final + (self.peak - self.final) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+class TwoPhase(ScaleSchedule):
+    """"High, then decay": ``c_high`` until ``switch`` (a fraction of the budget), then ``c_low``.
+
+    Defaults from SPEC §5, where a tuned two-phase schedule nearly matched the learned one.
+    """
+
+    name = "two-phase"
+
+    def __init__(self, c_high: float = 1.8, c_low: float = 0.8, switch: float = 0.3):
+        super().__init__()
+        if not (0 < c_low and 0 < c_high and 0 <= switch <= 1):
+            raise ValueError(f"TwoPhase: need c_low, c_high > 0 and 0 <= switch <= 1, got {c_high}, {c_low}, {switch}")
+        self.c_high, self.c_low, self.switch = float(c_high), float(c_low), float(switch)
+
+    def scale(self) -> float:
+        high = self.epoch < self.switch * self.task.budget
+        return (self.c_high if high else self.c_low) / 2.0
+
+
+# ----------------------------------------------------------------------------- line search and friends
+class Armijo(ScaleSchedule):
+    """Backtracking line search on the full-batch loss: the largest ``s = alpha_max * shrink^k`` with
+    ``F(x - lr grad) <= F(x) - c * <grad, x - x_new>`` (projected Armijo; ``lr * ||grad||^2`` without
+    projection). The accepted step size is then used for the epoch's stochastic steps. Every trial
+    costs one extra loss evaluation (counted in ``extra_loss_evals``). Defaults: the search starts at
+    the bound (``alpha_max = 1``, scale of 2/L) and ``c = 0.5``, which on a quadratic accepts steps up
+    to ``1/L``: with ``c = 1e-4`` it accepts full-batch steps near the bound that the stochastic epoch
+    then cannot take (it diverged on ``small``).
+    """
+
+    name = "armijo"
+
+    def __init__(self, c: float = 0.5, shrink: float = 0.5, alpha_max: float = 1.0, max_trials: int = 30):
+        super().__init__()
+        if not (0 < c < 1 and 0 < shrink < 1 and alpha_max > 0 and max_trials >= 1):
+            raise ValueError(f"Armijo: need 0 < c < 1, 0 < shrink < 1, alpha_max > 0, got {c}, {shrink}, {alpha_max}")
+        self.c, self.shrink, self.alpha_max, self.max_trials = float(c), float(shrink), float(alpha_max), int(max_trials)
+        self.last_trial: tuple[float, float, float] | None = None
+        """(loss before, trial loss, decrease) of the accepted step, for inspection."""
+
+    def _action(self, obs: np.ndarray) -> np.ndarray:
+        oracle = self.oracle
+        assert oracle is not None
+        f0 = oracle.loss()
+        s = self.alpha_max
+        action = self.task.action_for_scale(s)
+        for _ in range(self.max_trials):
+            action = self.task.action_for_scale(s)
+            f_new, dec = oracle.trial(action)
+            self.extra_loss_evals += 1
+            if np.isfinite(f_new) and f_new <= f0 - self.c * dec:
+                self.last_trial = (f0, f_new, dec)
+                break
+            s *= self.shrink
+        return action
+
+
+class Polyak(Schedule):
+    """Polyak's step ``lr = (F - f*) / ||grad||^2`` for both factors (paper mode, ``f* = 0`` by default)."""
+
+    name = "polyak"
+    action_mode = "paper"
+
+    def __init__(self, f_star: float = 0.0, lr_max: float = 1e6):
+        super().__init__()
+        self.f_star, self.lr_max = float(f_star), float(lr_max)
+        self.env_overrides = {"lr_max": self.lr_max}
+
+    def _action(self, obs: np.ndarray) -> float:
+        assert self.oracle is not None
+        g = self.oracle.grad_norm()
+        gap = max(self.oracle.loss() - self.f_star, 0.0)
+        return min(gap / g ** 2, self.lr_max) if g > 0 and math.isfinite(g) else 0.0
+
+
+class BarzilaiBorwein(Schedule):
+    """Barzilai-Borwein step (the "short" BB2 form ``<s, y> / <y, y>``) from successive epochs'
+    parameters and full gradients; the first epoch (and any non-positive curvature) uses
+    ``fallback`` times the smaller per-factor bound. Paper mode: one absolute lr for both factors.
+    """
+
+    name = "bb"
+    action_mode = "paper"
+
+    def __init__(self, fallback: float = 0.5, lr_max: float = 1e6):
+        super().__init__()
+        self.fallback, self.lr_max = float(fallback), float(lr_max)
+        self.env_overrides = {"lr_max": self.lr_max}
+        self._prev: tuple[np.ndarray, np.ndarray] | None = None
+
+    def reset(self, oracle: LROracle, rng: np.random.Generator | None = None) -> None:
+        super().reset(oracle, rng)
+        self._prev = None
+
+    def _action(self, obs: np.ndarray) -> float:
+        assert self.oracle is not None
+        x, g = self.oracle.params_and_grad()
+        lr = self.fallback * float(np.min(self.oracle.bounds()))
+        if self._prev is not None:
+            s, y = x - self._prev[0], g - self._prev[1]
+            sy, yy = float(s @ y), float(y @ y)
+            if sy > 0 and yy > 0 and math.isfinite(sy / yy):
+                lr = sy / yy
+        self._prev = (x, g)
+        return min(max(lr, 0.0), self.lr_max)
+
+
+# ----------------------------------------------------------------------------- trained policies
+TASK_FIELDS_FROM_CONFIG = ("action_mode", "lr_max", "log_range", "obs_features", "obs_clip",
+                           "divergence_factor", "reward", "target_loss")
+"""Keys of a run's config.json "env" that define the decision problem a policy was trained on; the
+problem, budget and instances are the evaluation's own."""
+
+
+class PolicySchedule(Schedule):
+    """A trained stable-baselines3 model (optionally with VecNormalize statistics) as a schedule."""
+
+    def __init__(self, model: Any, *, name: str = "policy", env_config: dict | None = None,
+                 obs_rms: Any = None, clip_obs: float = 10.0, epsilon: float = 1e-8, source: str | None = None):
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.source = source
+        self.env_config = dict(env_config or {})
+        self.env_overrides = {k: self.env_config[k] for k in TASK_FIELDS_FROM_CONFIG
+                              if k in self.env_config and k != "action_mode"}
+        self.action_mode = self.env_config.get("action_mode", "log_bound")
+        self.obs_rms, self.clip_obs, self.epsilon = obs_rms, float(clip_obs), float(epsilon)
+
+    def check_spaces(self, observation_space: Any, action_space: Any) -> None:
+        """Raise ValueError unless the model's spaces match the environment's."""
+        m_obs, m_act = self.model.observation_space, self.model.action_space
+        if m_obs.shape != observation_space.shape or m_act.shape != action_space.shape or not (
+                np.allclose(m_act.low, action_space.low) and np.allclose(m_act.high, action_space.high)):
+            raise ValueError(f"policy {self.name!r}: its spaces (observation {m_obs}, action {m_act}) do not match "
+                             f"the evaluation environment's (observation {observation_space}, action {action_space}); "
+                             "evaluate it with the env settings it was trained with (config.json 'env')")
+
+    def normalize(self, obs: np.ndarray) -> np.ndarray:
+        if self.obs_rms is None:
+            return obs
+        z = (obs - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + self.epsilon)
+        return np.clip(z, -self.clip_obs, self.clip_obs).astype(np.float32)
+
+    def predict(self, obs: np.ndarray, state: Any = None, episode_start: Any = None,
+                deterministic: bool = True) -> tuple[np.ndarray, Any]:
+        action, state = self.model.predict(self.normalize(np.asarray(obs, dtype=np.float32)), state=state,
+                                           episode_start=episode_start, deterministic=deterministic)
+        self.epoch += 1
+        return _act(np.asarray(action).reshape(-1)[0]), state
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "source": self.source, "env_config": self.env_config}
+
+
+def _load_sb3_model(path: str) -> Any:
+    from stable_baselines3 import A2C, DDPG, PPO, SAC, TD3
+    errors = []
+    for cls in (PPO, SAC, TD3, A2C, DDPG):
+        try:
+            return cls.load(path, device="cpu")
+        except Exception as e:  # noqa: BLE001 - try the next algorithm class
+            errors.append(f"{cls.__name__}: {type(e).__name__}")
+    raise ValueError(f"could not load a stable-baselines3 model from {path} ({'; '.join(errors)})")
+
+
+def load_policy(path: str | os.PathLike, name: str | None = None) -> PolicySchedule:
+    """Load a trained policy from a run directory (``model.zip``, ``config.json`` with the training
+    ``"env"`` kwargs, optional ``vecnormalize.pkl``) or from a bare model ``.zip`` (then the env
+    settings default to the environment's defaults)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"policy not found: {path} (expected a run directory or a model .zip)")
+    run_dir = path if os.path.isdir(path) else os.path.dirname(path)
+    model_path = os.path.join(path, "model.zip") if os.path.isdir(path) else path
+    if not os.path.isfile(model_path):
+        raise FileNotFoundError(f"no model.zip in run directory {path}")
+    env_config: dict = {}
+    cfg_path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            env_config = json.load(f).get("env", {}) or {}
+    obs_rms, clip_obs, eps = None, 10.0, 1e-8
+    vn_path = os.path.join(run_dir, "vecnormalize.pkl")
+    if os.path.isfile(vn_path):
+        with open(vn_path, "rb") as f:
+            vn = pickle.load(f)
+        if getattr(vn, "norm_obs", True):
+            obs_rms = vn.obs_rms
+        clip_obs, eps = float(getattr(vn, "clip_obs", 10.0)), float(getattr(vn, "epsilon", 1e-8))
+    label = name or os.path.basename(os.path.normpath(run_dir if os.path.isdir(path) else path)).removesuffix(".zip")
+    return PolicySchedule(_load_sb3_model(model_path), name=f"policy:{label}", env_config=env_config,
+                          obs_rms=obs_rms, clip_obs=clip_obs, epsilon=eps, source=path)
