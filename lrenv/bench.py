@@ -1,0 +1,265 @@
+"""``lrenv bench``: environment and training throughput, each next to what the hardware allows.
+
+For each preset (``small``, ``medium``, ``paper``) and device it measures, in one run:
+
+* the GEMM rate of the device (``torch.matmul`` on square matrices, GFLOP/s), and from it the roofline
+  of one SGD epoch (``6 m n r`` FLOPs: residual, W gradient and H gradient of every minibatch);
+* the raw epoch (``engine.epoch`` + ``engine.loss()``, the least a plain training loop does);
+* env-epochs/s of one :class:`lrenv.env.NMFEnv`, of a ``DummyVecEnv`` of ``B`` of them and of
+  :class:`lrenv.vec_env.BatchedNMFVecEnv` with ``B`` slots;
+* end to end PPO (SB3 ``MlpPolicy``, 8 envs) training steps/s on ``small``, batched vs DummyVecEnv.
+
+Every measured number is the best of a few timed windows (the machine may be shared). Prints a table
+and writes JSON with ``--out``. Targets (reported as met / not met): CPU small batched B=8 at least 3x
+the env-epochs/s of a DummyVecEnv of 8; PPO end-to-end on small at least 1500 steps/s with 8 envs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+PRESETS = ("small", "medium", "paper")
+TARGET_BATCHED_SPEEDUP = 3.0
+TARGET_PPO_STEPS = 1500.0
+
+
+# ----------------------------------------------------------------------------- timing helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], Any], *, seconds: float, min_calls: int = 1, max_calls: int = 10_000,
+              device: torch.device = torch.device("cpu"), windows: int = 3) -> float:
+    """Best per-call wall time of ``fn`` over ``windows`` windows sharing ``seconds`` in all."""
+    fn()  # warm up
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    one = max(time.perf_counter() - t0, 1e-7)
+    calls = int(min(max_calls, max(min_calls, seconds / windows / one)))
+    best = float("inf")
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:
+    """Measured matmul rate in FLOP/s (square matrices, large enough to be compute bound)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.rand(n, n, device=device, dtype=dtype)
+    b = torch.rand(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    t = best_time(lambda: torch.matmul(a, b, out=out), seconds=seconds, device=device)
+    return 2.0 * n ** 3 / t
+
+
+def epoch_flops(m: int, n: int, r: int) -> float:
+    """FLOPs of one SGD epoch: per minibatch the residual, the W gradient and the H gradient (2 m n r each)."""
+    return 6.0 * m * n * r
+
+
+# ----------------------------------------------------------------------------- measurements
+def _action(env_like, B: int | None = None) -> np.ndarray:
+    """A safe constant action (half the stability bound in 'log_bound' mode)."""
+    task = env_like.task
+    a = float(task.action_for_scale(0.5)) if task.action_mode == "log_bound" else 1e-4
+    return np.full((1,) if B is None else (B, 1), a, dtype=np.float32)
+
+
+def measure_raw_epoch(preset: str, device: torch.device, seconds: float, max_calls: int) -> float:
+    from .env import NMFEnv
+    env = NMFEnv(preset, device=str(device))
+    env.reset(seed=0)
+    eng = env.engine
+    lr = torch.as_tensor(env.task.actions_to_lr(_action(env), env.tracker.lipschitz())[0],
+                         dtype=eng.cfg.dtype, device=device)
+    order = env._order[:1]
+
+    def run():
+        eng.epoch(lr, order)
+        eng.loss()
+    return best_time(run, seconds=seconds, max_calls=max_calls, device=device)
+
+
+def measure_single_env(preset: str, device: torch.device, seconds: float, max_calls: int) -> float:
+    """Seconds per NMFEnv.step (resets excluded when an episode ends inside the window are included)."""
+    from .env import NMFEnv
+    env = NMFEnv(preset, device=str(device))
+    env.reset(seed=0)
+    a = _action(env)
+
+    def run():
+        _, _, term, trunc, _ = env.step(a)
+        if term or trunc:
+            env.reset()
+    return best_time(run, seconds=seconds, max_calls=max_calls, device=device)
+
+
+def measure_dummy(preset: str, B: int, device: torch.device, seconds: float, max_calls: int) -> float:
+    from stable_baselines3.common.vec_env import DummyVecEnv
+    from .env import NMFEnv
+    venv = DummyVecEnv([lambda: NMFEnv(preset, device=str(device)) for _ in range(B)])
+    venv.seed(0)
+    venv.reset()
+    a = _action(venv.envs[0], B)
+    return best_time(lambda: venv.step(a), seconds=seconds, max_calls=max_calls, device=device)
+
+
+def measure_batched(preset: str, B: int, device: torch.device, seconds: float, max_calls: int) -> float:
+    from .vec_env import BatchedNMFVecEnv
+    venv = BatchedNMFVecEnv(preset, num_envs=B, device=str(device))
+    venv.seed(0)
+    venv.reset()
+    a = _action(venv, B)
+    return best_time(lambda: venv.step(a), seconds=seconds, max_calls=max_calls, device=device)
+
+
+def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset: str = "small") -> float:
+    """End-to-end SB3 PPO training steps/s (rollouts + updates) on ``preset`` with ``n_envs`` envs."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+    from .env import NMFEnv
+    from .vec_env import BatchedNMFVecEnv
+    if kind == "batched":
+        venv = BatchedNMFVecEnv(preset, num_envs=n_envs, device=str(device))
+    else:
+        venv = DummyVecEnv([lambda: NMFEnv(preset, device=str(device)) for _ in range(n_envs)])
+    n_steps = 256
+    model = PPO("MlpPolicy", venv, n_steps=n_steps, batch_size=256, n_epochs=4, seed=0, verbose=0, device="cpu")
+    model.learn(total_timesteps=n_steps * n_envs)  # warm up (first rollout, first update)
+    before = model.num_timesteps
+    t0 = time.perf_counter()
+    model.learn(total_timesteps=steps, reset_num_timesteps=False)
+    return (model.num_timesteps - before) / (time.perf_counter() - t0)
+
+
+def preset_shape(preset: str) -> tuple[int, int, int]:
+    from .problems import make_family
+    fam = make_family(preset)
+    return fam.m, fam.n, fam.rank
+
+
+def preset_memory(preset: str, device: torch.device) -> int:
+    from .engine import bytes_per_instance
+    from .env import engine_config
+    from .problems import make_family
+    return bytes_per_instance(engine_config(make_family(preset), None, 0.0, device, "float32"))
+
+
+# ----------------------------------------------------------------------------- driver
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS, help="problem sizes")
+    p.add_argument("--batch", "-B", type=int, default=8, help="B for DummyVecEnv and the batched env")
+    p.add_argument("--paper-batch", type=int, default=2, help="B for the paper size on CPU")
+    p.add_argument("--devices", nargs="+", default=None,
+                   help="devices to measure (default: cpu, plus cuda when available)")
+    p.add_argument("--seconds", type=float, default=1.0, help="time per measurement (small/medium)")
+    p.add_argument("--paper-epochs", type=int, default=2, help="epochs per measurement at the paper size on CPU")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave torch's default)")
+    p.add_argument("--ppo-steps", type=int, default=8192, help="PPO training steps per timed run (0: skip)")
+    p.add_argument("--ppo-envs", type=int, default=8, help="envs for the PPO end-to-end run")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _fmt(x: float | None, spec: str = ".0f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .vec_env import available_memory
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    result: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                              "machine": platform.processor() or platform.machine(), "rows": [], "ppo": {}}
+    rows = result["rows"]
+    for dev_name in devices:
+        device = torch.device(dev_name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print(f"skipping {dev_name}: CUDA is not available")
+            continue
+        rate = gemm_rate(device)
+        result[f"gemm_gflops_{device.type}"] = rate / 1e9
+        for preset in args.presets:
+            m, n, r = preset_shape(preset)
+            slow = preset == "paper" and device.type == "cpu"
+            B = args.paper_batch if slow else args.batch
+            kw = dict(seconds=args.seconds, max_calls=args.paper_epochs if slow else 100_000)
+            if slow:
+                kw["seconds"] = 0.0
+            raw = measure_raw_epoch(preset, device, **kw)
+            single = measure_single_env(preset, device, **kw)
+            dummy = measure_dummy(preset, B, device, **kw)
+            batched = measure_batched(preset, B, device, **kw)
+            roof = rate / epoch_flops(m, n, r)
+            per = preset_memory(preset, device)
+            row = dict(device=dev_name, preset=preset, shape=[m, n, r], B=B, gemm_gflops=rate / 1e9,
+                       epoch_gflop=epoch_flops(m, n, r) / 1e9, roofline_epochs_per_s=roof,
+                       raw_epoch_ms=raw * 1e3, raw_epochs_per_s=1 / raw,
+                       single_env_epochs_per_s=1 / single, step_over_raw=single / raw,
+                       dummy_env_epochs_per_s=B / dummy, batched_env_epochs_per_s=B / batched,
+                       batched_over_dummy=dummy / batched, bytes_per_instance=per,
+                       available_bytes=available_memory(device), largest_B=int(0.9 * available_memory(device) // per))
+            rows.append(row)
+            print(f"  measured {dev_name} {preset}", flush=True)
+    if args.ppo_steps > 0 and "small" in args.presets:
+        for kind in ("batched", "dummy"):
+            result["ppo"][kind] = measure_ppo(kind, args.ppo_envs, args.ppo_steps, torch.device("cpu"))
+    # ---- targets
+    cpu_small = next((r for r in rows if r["device"] == "cpu" and r["preset"] == "small"), None)
+    targets = {}
+    if cpu_small is not None:
+        targets["cpu_small_batched_over_dummy"] = dict(value=cpu_small["batched_over_dummy"],
+                                                       target=TARGET_BATCHED_SPEEDUP, B=cpu_small["B"],
+                                                       met=cpu_small["batched_over_dummy"] >= TARGET_BATCHED_SPEEDUP)
+    if result["ppo"]:
+        targets["ppo_small_batched_steps_per_s"] = dict(value=result["ppo"]["batched"], target=TARGET_PPO_STEPS,
+                                                        met=result["ppo"]["batched"] >= TARGET_PPO_STEPS)
+    result["targets"] = targets
+    print_report(result)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def print_report(result: dict) -> None:
+    print(f"\ntorch {result['torch']}, {result['threads']} threads")
+    for k, v in result.items():
+        if k.startswith("gemm_gflops_"):
+            print(f"GEMM {k[len('gemm_gflops_'):]}: {v:.0f} GFLOP/s (measured in this run)")
+    hdr = (f"{'device':6} {'preset':7} {'B':>3} {'MiB/inst':>8} {'roofline':>9} {'raw ep':>8} {'single':>8} "
+           f"{'step/raw':>8} {'dummyB':>8} {'batchedB':>9} {'bat/dum':>7}")
+    print("\nenv-epochs/s (roofline = GEMM rate / (6 m n r); raw = engine.epoch + loss; step/raw = env.step time / raw epoch time)")
+    print(hdr)
+    for r in result["rows"]:
+        print(f"{r['device']:6} {r['preset']:7} {r['B']:>3} {r['bytes_per_instance'] / 2**20:>8.1f} "
+              f"{r['roofline_epochs_per_s']:>9.0f} {r['raw_epochs_per_s']:>8.1f} {r['single_env_epochs_per_s']:>8.1f} "
+              f"{r['step_over_raw']:>8.2f} {r['dummy_env_epochs_per_s']:>8.1f} {r['batched_env_epochs_per_s']:>9.1f} "
+              f"{r['batched_over_dummy']:>7.2f}")
+    if result["ppo"]:
+        print("\nPPO end-to-end on small (MlpPolicy, steps/s incl. updates): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in result["ppo"].items()))
+    for name, t in result.get("targets", {}).items():
+        print(f"target {name}: {t['value']:.2f} vs {t['target']} -> {'MET' if t['met'] else 'NOT MET'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
