@@ -49,7 +49,7 @@ from .schedules import (Armijo, BarzilaiBorwein, CosineDecay, FixedLR, FixedScal
                         RandomUnderBound, RandomWalkBound, Schedule, TwoPhase, fixed_grid, load_policy)
 from .solvers import SOLVERS, SolverUnavailable, Trace, applicability, run_solver
 
-DEFAULT_SCALES = (0.2, 0.5, 1.0, 1.3, 1.6, 1.9)
+DEFAULT_SCALES = (0.2, 0.5, 1.0, 1.1, 1.3, 1.6, 1.9)
 """Fixed ``c`` of ``lr = c / L`` evaluated by ``fixed-scale`` (``c = 1`` is the mean of random-bound)."""
 BOOTSTRAP_SAMPLES = 2000
 
@@ -66,12 +66,12 @@ REGISTRY: dict[str, tuple[str, Callable[[Sequence[float] | None], list[Method]]]
     "fixed-grid": ("fixed absolute LR for both factors, the paper's 1e-5 ... 10 grid (or --grid)", _grid_methods),
     "fixed-scale": (f"lr = c/L per factor for c in {DEFAULT_SCALES}", lambda g: [FixedScale(c) for c in DEFAULT_SCALES]),
     "random-bound": ("lr = U(0,1) x 2/L, fresh each epoch (paper Fig. 3)", lambda g: [RandomUnderBound()]),
-    "random-walk": ("random walk of the scale within +-50 % around 0.6 x 2/L (paper Fig. 4)", lambda g: [RandomWalkBound()]),
-    "armijo": ("backtracking line search on the full-batch loss (extra loss evaluations)", lambda g: [Armijo()]),
-    "polyak": ("Polyak step (F - 0) / ||grad||^2", lambda g: [Polyak()]),
+    "random-walk": ("random walk of the scale within +-50 % around 0.5 x 2/L (paper Fig. 4)", lambda g: [RandomWalkBound()]),
+    "armijo": ("Armijo backtracking from the bound on the full-batch loss, c = 0.5 (extra loss evaluations)", lambda g: [Armijo()]),
+    "polyak": ("Polyak step (F - 0) / ||grad||^2 for both factors", lambda g: [Polyak()]),
     "bb": ("Barzilai-Borwein step from successive epochs", lambda g: [BarzilaiBorwein()]),
-    "cosine": ("cosine decay from 0.9 x 2/L to 0.05 x 2/L over the budget", lambda g: [CosineDecay()]),
-    "two-phase": ("c = 1.8 for the first 30 % of the budget, then c = 0.8 (SPEC 5)", lambda g: [TwoPhase()]),
+    "cosine": ("cosine decay from 0.55 x 2/L (c = 1.1) to 0.05 x 2/L over the budget", lambda g: [CosineDecay()]),
+    "two-phase": ("high then decay: c = 1.1 for the first half of the budget, then c = 0.8", lambda g: [TwoPhase()]),
     "adam": ("Adam + ReduceLROnPlateau on the same minibatches (outside the env)", lambda g: ["adam"]),
     "sklearn-cd": ("scikit-learn NMF, coordinate descent, one iteration per epoch", lambda g: ["sklearn-cd"]),
     "sklearn-mu": ("scikit-learn NMF, multiplicative updates, one iteration per epoch", lambda g: ["sklearn-mu"]),
