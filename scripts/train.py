@@ -1,0 +1,7 @@
+"""`python scripts/train.py ...` is `lrenv train ...` (see agents/train.py)."""
+import sys
+
+from lrenv.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))
