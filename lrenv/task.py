@@ -97,6 +97,12 @@ class TaskConfig:
         c = self.obs_clip
         return gym.spaces.Box(-c, c, shape=(self.obs_dim,), dtype=np.float32)
 
+    def _action_bounds(self) -> tuple[np.float32, np.float32]:
+        """(low, high) of :meth:`action_space` (float32, as the Box stores them) without building a Box."""
+        if self.action_mode == "paper":
+            return np.float32(0.0), np.float32(self.lr_max)
+        return np.float32(-1.0), np.float32(1.0)
+
     def action_space(self) -> gym.spaces.Box:
         if self.action_mode == "paper":
             return gym.spaces.Box(0.0, self.lr_max, shape=(1,), dtype=np.float32)
@@ -110,8 +116,8 @@ class TaskConfig:
         """
         a = np.asarray(actions, dtype=np.float64).reshape(-1)
         invalid = np.isnan(a)
-        space = self.action_space()
-        a = np.clip(np.where(invalid, space.low[0], a), space.low[0], space.high[0])
+        low, high = self._action_bounds()
+        a = np.clip(np.where(invalid, low, a), low, high) if invalid.any() else np.clip(a, low, high)
         if self.action_mode == "paper":
             lr = np.repeat(a[:, None], 2, axis=1)
         else:
