@@ -197,15 +197,20 @@ class SGDEngine:
         lr_H = lr[:, 1].reshape(-1, 1, 1) * K  # K: the H gradient estimate is K * (minibatch gradient)
         single = self.B == 1
         H = self.H
+        if not single:  # gather/scatter blocks through flat (B*K, b, .) views: index_select is cheap
+            flat_idx = (torch.as_tensor(order, device=self.V.device) + self._arange[:, None] * K).long()
+            Vflat = self.V.view(self.B * K, *self.V.shape[2:])
+            Wflat = self.W.view(self.B * K, *self.W.shape[2:])
+            wflat = None if self.weight is None else self.weight.view(self.B * K, *self.weight.shape[2:])
         for k in range(K):
             if single:
                 blk = int(order[0, k])
                 Vk, Wk = self.V[:, blk], self.W[:, blk]
                 wk = None if self.weight is None else self.weight[:, blk]
             else:
-                idx = order[:, k]
-                Vk, Wk = self.V[self._arange, idx], self.W[self._arange, idx]
-                wk = None if self.weight is None else self.weight[self._arange, idx]
+                idx = flat_idx[:, k]
+                Vk, Wk = Vflat.index_select(0, idx), Wflat.index_select(0, idx)
+                wk = None if wflat is None else wflat.index_select(0, idx)
             R = torch.baddbmm(Vk, Wk, H, beta=-1)  # Wk H - Vk
             if wk is not None:
                 R.mul_(wk)
@@ -226,7 +231,7 @@ class SGDEngine:
                 Wk.clamp_(min=0)
                 H.clamp_(min=0)
             if not single:
-                self.W[self._arange, idx] = Wk
+                Wflat.index_copy_(0, idx, Wk)
 
     def _add_noise(self, g: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
         rms = (_sqnorm(g) / g[0].numel()).sqrt().reshape(-1, 1, 1)
