@@ -57,6 +57,11 @@ class Trace:
     divergence_factor: float = 100.0
     notes: dict[str, Any] = field(default_factory=dict)
 
+    def metrics(self) -> dict[str, Any]:
+        """The run's metrics row (see :func:`lrenv.evaluate.trace_metrics`)."""
+        from .evaluate import trace_metrics
+        return trace_metrics(self)
+
 
 class SolverUnavailable(ValueError):
     """The solver cannot run on this problem family (the reason says why)."""

@@ -124,3 +124,20 @@ def test_policy_space_mismatch_is_a_clear_error(tmp_path):
     policy = load_policy(tmp_path)
     tr = run_schedule(policy, SMALL, 0)
     assert len(tr.loss) > 1 and policy.name == f"policy:{tmp_path.name}"
+
+
+def test_policy_with_vecnormalize_normalises_observations(tmp_path):
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+    env_kwargs = {**SMALL, "budget": 5}
+    venv = VecNormalize(DummyVecEnv([lambda: NMFEnv(**env_kwargs)]), clip_obs=3.0)
+    venv.obs_rms.mean[:] = [1.0, 2.0, 3.0]
+    venv.obs_rms.var[:] = [4.0, 4.0, 4.0]
+    model = PPO("MlpPolicy", venv, n_steps=8, batch_size=8, device="cpu")
+    model.save(tmp_path / "model.zip")
+    venv.save(str(tmp_path / "vecnormalize.pkl"))
+    (tmp_path / "config.json").write_text('{"env": {"problem": "small", "action_mode": "log_bound"}}')
+    policy = load_policy(tmp_path)
+    z = policy.normalize(np.array([3.0, 2.0, -100.0], dtype=np.float32))
+    np.testing.assert_allclose(z, [1.0, 0.0, -3.0], atol=1e-5)
+    assert run_schedule(policy, SMALL, 0).metrics()["epochs"] >= 1
