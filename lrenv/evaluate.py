@@ -607,7 +607,7 @@ def parse_grid(text: str | None) -> list[float] | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    methods = "; ".join(f"{k}: {v[0]}" for k, v in REGISTRY.items())
+    methods = "; ".join(f"{k}: {v[0]}" for k, v in REGISTRY.items()).replace("%", "%%")  # argparse formats help
     p.description = ("Score learning-rate schedules, reference solvers and trained agents on held-out instances "
                      "(EVAL_SEEDS[:seeds]); every method starts from the same initial point per seed. Writes "
                      "results.csv, summary.json/.md, config.json, figures and TensorBoard logs to the output directory "
@@ -623,11 +623,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "adds one row per model (repeatable)")
     p.add_argument("--seeds", type=int, default=10, help="number of held-out instances")
     p.add_argument("--seed", type=int, default=0, help="base reset seed (initial factors, minibatch order, bootstrap)")
-    p.add_argument("--budget", type=int, default=None, help="epoch budget (default: the family's)")
+    p.add_argument("--budget", type=int, default=None, help="epoch budget (None: the family's)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--grid", default=None, metavar="LRS",
-                   help="fixed learning-rate grid for fixed-grid: comma list or lo:hi:n log-spaced (default 1e-5:10:7)")
-    p.add_argument("--out", default=None, help="output directory (default runs/{problem}__eval__{seed}__{time}); "
+                   help="fixed learning-rate grid for fixed-grid: comma list or lo:hi:n log-spaced (None: 1e-5:10:7)")
+    p.add_argument("--out", default=None, help="output directory (None: runs/{problem}__eval__{seed}__{time}); "
                    "an existing non-empty directory is never overwritten")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

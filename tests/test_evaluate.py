@@ -146,3 +146,11 @@ def test_cli_runs_and_rejects_unknown_methods(tmp_path, capsys):
     assert len(read_results_csv(os.path.join(out, "results.csv"))) == 3
     rc = main(["evaluate", "--methods", "polyack", "--seeds", "1", "--budget", "2", "--no-progress"])
     assert rc == 2 and "Did you mean 'polyak'" in capsys.readouterr().err
+
+
+def test_cli_help_lists_methods(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "random-walk" in text and "--model" in text and "+-50 %" in text
