@@ -168,7 +168,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="devices to measure (default: cpu, plus cuda when available)")
     p.add_argument("--seconds", type=float, default=1.0, help="time per measurement (small/medium)")
     p.add_argument("--paper-epochs", type=int, default=2, help="epochs per measurement at the paper size on CPU")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default, all cores)")
     p.add_argument("--ppo-steps", type=int, default=8192, help="PPO training steps per timed run (0: skip)")
     p.add_argument("--ppo-envs", type=int, default=8, help="envs for the PPO end-to-end run")
     p.add_argument("--out", default=None, help="write the results as JSON here")

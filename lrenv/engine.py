@@ -211,7 +211,8 @@ class SGDEngine:
                 idx = flat_idx[:, k]
                 Vk, Wk = Vflat.index_select(0, idx), Wflat.index_select(0, idx)
                 wk = None if wflat is None else wflat.index_select(0, idx)
-            R = torch.baddbmm(Vk, Wk, H, beta=-1)  # Wk H - Vk
+            # Wk H - Vk; a gathered Vk (B > 1) is a private copy, so the product can overwrite it
+            R = torch.baddbmm(Vk, Wk, H, beta=-1) if single else Vk.baddbmm_(Wk, H, beta=-1)
             if wk is not None:
                 R.mul_(wk)
             gW = _times_transpose(R, H)
