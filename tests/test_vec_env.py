@@ -129,3 +129,22 @@ def test_float32_close_to_single_envs():
         ob, *_ = batched.step(a)
         os_, *_ = single.step(a)
     np.testing.assert_allclose(ob, os_, rtol=1e-3, atol=1e-3)
+
+
+def test_bench_smoke(tmp_path, capsys):
+    import argparse
+    import json
+
+    from lrenv import bench
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    out = tmp_path / "b.json"
+    args = p.parse_args(["--presets", "small", "--batch", "2", "--seconds", "0.02", "--ppo-steps", "0",
+                         "--devices", "cpu", "--threads", "0", "--out", str(out)])
+    assert bench.run(args) == 0
+    res = json.loads(out.read_text())
+    row = res["rows"][0]
+    assert row["preset"] == "small" and row["B"] == 2 and row["bytes_per_instance"] > 0
+    assert row["batched_env_epochs_per_s"] > 0 and row["roofline_epochs_per_s"] > row["raw_epochs_per_s"]
+    assert "cpu_small_batched_over_dummy" in res["targets"]
+    assert "bat/dum" in capsys.readouterr().out
