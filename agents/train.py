@@ -303,8 +303,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from lrenv.episode import parse_params
-    return TrainConfig(problem=args.problem, problem_params=parse_params(args.problem_param), exp=args.exp,
+    from lrenv.problems import parse_problem_params
+    return TrainConfig(problem=args.problem, problem_params=parse_problem_params(args.problem_param), exp=args.exp,
                        seed=args.seed, hyperparams=load_hyperparams(args.problem, args.overrides, args.hyperparams),
                        vec=args.vec, device=args.device, env_device=args.env_device, torch_threads=args.threads,
                        eval_freq=args.eval_freq, eval_episodes=args.eval_episodes,

@@ -7,31 +7,7 @@ import argparse
 import numpy as np
 
 from .env import NMFEnv
-from .problems import DEFAULT_PROBLEM, EVAL_SEEDS
-
-
-def parse_params(pairs: list[str] | None) -> dict:
-    """``key=value`` strings -> dict, values parsed as int/float/bool where they look like one."""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"expected key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
-    return out
-
-
-def _parse_value(v: str):
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    if v.lower() in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
+from .problems import DEFAULT_PROBLEM, EVAL_SEEDS, parse_problem_params
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.scale <= 10:
         raise ValueError(f"--scale must be in (0, 10], got {args.scale}")
-    env = NMFEnv(args.problem, problem_params=parse_params(args.problem_param), budget=args.budget,
+    env = NMFEnv(args.problem, problem_params=parse_problem_params(args.problem_param), budget=args.budget,
                  device=args.device, instances="eval", log_range=2.0)
     obs, info = env.reset(seed=args.seed, options={"instance": EVAL_SEEDS[0]})
     action = env.task.action_for_scale(args.scale)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .env import NMFEnv
-from .problems import DEFAULT_PROBLEM, EVAL_SEEDS
+from .problems import DEFAULT_PROBLEM, EVAL_SEEDS, parse_problem_params
 from .schedules import (Armijo, BarzilaiBorwein, CosineDecay, FixedLR, FixedScale, PolicySchedule, Polyak,
                         RandomUnderBound, RandomWalkBound, Schedule, TwoPhase, fixed_grid, load_policy)
 from .solvers import SOLVERS, SolverUnavailable, Trace, applicability, run_solver
@@ -569,30 +569,6 @@ def write_outputs(result: EvalResult, *, tensorboard: bool = True) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _parse_value(v: str) -> Any:
-    low = v.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
-
-def parse_problem_params(pairs: list[str] | None) -> dict[str, Any]:
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"--problem-param expects key=value, got {pair!r}")
-        k, v = pair.split("=", 1)
-        out[k.strip()] = _parse_value(v.strip())
-    return out
-
-
 def parse_grid(text: str | None) -> list[float] | None:
     """``'1e-4,1e-3,0.01'`` or ``'lo:hi:n'`` (log-spaced) -> list of learning rates."""
     if text is None:

@@ -438,6 +438,31 @@ FAMILIES: dict[str, Callable[..., ProblemFamily]] = {
 DEFAULT_PROBLEM = "small"
 
 
+def _parse_value(v: str):
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_problem_params(pairs: list[str] | None) -> dict[str, Any]:
+    """``['m=200', 'noise=0.1']`` (the CLI's --problem-param) -> dict, numbers and booleans parsed."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--problem-param expects key=value, got {pair!r}")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = _parse_value(v.strip())
+    return out
+
+
 def suggest(name: str, choices) -> str:
     """' Did you mean X?' for a close match, else ''."""
     close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
