@@ -32,12 +32,11 @@ def engine_config(family: ProblemFamily, num_blocks: int | None, grad_noise: flo
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    probe = family.instance(0)
     if grad_noise < 0:
         raise ValueError(f"grad_noise must be >= 0, got {grad_noise}")
     return EngineConfig(m=family.m, n=family.n, rank=family.rank,
                         num_blocks=family.num_blocks if num_blocks is None else int(num_blocks),
-                        nonneg=probe.nonneg, reg=probe.reg, grad_noise=grad_noise, masked=family.masked,
+                        nonneg=family.nonneg, reg=family.reg, grad_noise=grad_noise, masked=family.masked,
                         heldout=family.has_heldout, device=torch.device(device), dtype=dtype)
 
 

@@ -87,6 +87,8 @@ class ProblemFamily:
     masked: bool = False
     has_heldout: bool = False
     nonneg: bool = True
+    reg: float = 0.0
+    """L2 regularisation weight of every instance (the engine's setting, known without drawing one)."""
     description: str = ""
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -258,7 +260,7 @@ def tutorial_family(*, rank: int = 2, reg: float = 0.02, target_rel: float = 0.0
                        free_W=free_W, free_H=free_H, info={"global_bias": mu})
 
     return ProblemFamily(name="tutorial", m=m, n=n, rank=R, budget=budget, num_blocks=num_blocks, make=make,
-                         masked=True, nonneg=False, description="biased MF of a 4x5 ratings matrix",
+                         masked=True, nonneg=False, reg=reg, description="biased MF of a 4x5 ratings matrix",
                          params=dict(rank=rank, reg=reg, target_rel=target_rel, budget=budget,
                                      num_blocks=num_blocks))
 
