@@ -142,30 +142,26 @@ class SGDEngine:
              noise_seed: int | None = None) -> None:
         """Place one instance in slot ``i``. ``row_perm`` shuffles the rows into minibatches."""
         cfg = self.cfg
-        K, b = cfg.num_blocks, cfg.block_rows
         pad = cfg.padded_rows - cfg.m
-        order = np.concatenate([row_perm, np.full(pad, -1, dtype=np.int64)])
-        self.row_index[i] = order
-        real = order >= 0
+        self.row_index[i] = np.concatenate([row_perm, np.full(pad, -1, dtype=np.int64)])
+        rows = torch.as_tensor(row_perm)
 
-        def blocked(a: np.ndarray) -> torch.Tensor:
-            out = np.zeros((cfg.padded_rows,) + a.shape[1:], dtype=np.float64)
-            out[real] = a[row_perm]
-            return torch.as_tensor(out.reshape((K, b) + a.shape[1:]), dtype=cfg.dtype, device=cfg.device)
+        def put(out: torch.Tensor, a: np.ndarray) -> None:
+            """Rows of ``a`` in layout order into slot tensor ``out`` (K, b, .); padding rows are zero."""
+            flat = out.view(cfg.padded_rows, -1)
+            src = torch.as_tensor(np.ascontiguousarray(a)).reshape(cfg.m, -1)
+            flat[:cfg.m].copy_(src.index_select(0, rows))  # copy_ casts (bool masks too) and moves
+            flat[cfg.m:].zero_()
 
-        self.V[i] = blocked(V)
-        self.W[i] = blocked(W0)
+        put(self.V[i], V)
+        put(self.W[i], W0)
         self.H[i] = torch.as_tensor(H0, dtype=cfg.dtype, device=cfg.device)
-        if self.weight is not None:
-            if cfg.masked:
-                w = np.ones(V.shape) if mask is None else mask.astype(np.float64)
-            else:
-                w = np.ones((cfg.m, 1))
-            self.weight[i] = blocked(w)
+        if self.weight is not None:  # the mask, or a row weight that zeroes the padding rows
+            put(self.weight[i], np.ones(V.shape if cfg.masked else (cfg.m, 1), dtype=bool) if mask is None else mask)
         if self.heldout is not None:
-            h = np.zeros(V.shape) if heldout is None else heldout.astype(np.float64)
-            self.heldout[i] = blocked(h)
-            self.heldout_count[i] = max(float(h.sum()), 1.0)
+            h = np.zeros(V.shape, dtype=bool) if heldout is None else heldout
+            put(self.heldout[i], h)
+            self.heldout_count[i] = max(float(np.count_nonzero(h)), 1.0)
         if free_W is not None:
             self.free_W = torch.as_tensor(free_W, dtype=cfg.dtype, device=cfg.device)
             self.free_H = torch.as_tensor(free_H, dtype=cfg.dtype, device=cfg.device).reshape(-1, 1)
@@ -262,13 +258,19 @@ class SGDEngine:
         return loss
 
     def _slots(self, index) -> tuple[torch.Tensor | None, tuple]:
-        """The per-instance tensors of all slots (index None) or of the listed slots (gathered copies)."""
+        """The per-instance tensors of all slots (index None) or of the listed slots: views when they
+        are consecutive (a single slot, typically), gathered copies otherwise."""
         if index is None:
             return None, (self.V, self.W, self.H, self.weight, self.heldout, self.heldout_count)
-        idx = torch.as_tensor(np.asarray(index, dtype=np.int64), device=self.V.device)
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return idx, (self.V[idx], self.W[idx], self.H[idx], pick(self.weight), pick(self.heldout),
-                     self.heldout_count[idx])
+        index = np.asarray(index, dtype=np.int64)
+        idx = torch.as_tensor(index, device=self.V.device)
+        if len(index) and np.array_equal(index, np.arange(index[0], index[0] + len(index))):
+            sel = slice(int(index[0]), int(index[0]) + len(index))
+        else:
+            sel = idx
+        pick = lambda t: None if t is None else t[sel]  # noqa: E731
+        return idx, (pick(self.V), pick(self.W), pick(self.H), pick(self.weight), pick(self.heldout),
+                     pick(self.heldout_count))
 
     def evaluate(self, index=None) -> torch.Tensor:
         """(B, NUM_STATS) statistics at the current iterate; also stores the full gradients.

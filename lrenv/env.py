@@ -63,8 +63,9 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ## Action Space
     ``Box(shape=(1,))``. ``action_mode="log_bound"`` (default): ``a in [-1, 1]`` sets the step size of
-    each factor to ``(2/L) * 10^(log_range * a)`` with that factor's current Lipschitz constant, so
-    ``a = 0`` is the stability bound and one policy serves problems of any scale.
+    each factor to ``action_center * (2/L) * 10^(log_range * a)`` with that factor's current Lipschitz
+    constant, so one policy serves problems of any scale; ``a = 0`` (an untrained policy's mean) is
+    ``action_center = 0.25`` of the full-batch bound, below where minibatch SGD starts to diverge.
     ``action_mode="paper"``: ``a in [0, lr_max]`` is the absolute learning rate of both factors.
     Finite actions outside the space are clipped to it; a NaN action ends the episode as a divergence.
 

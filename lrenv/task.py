@@ -43,12 +43,16 @@ class TaskConfig:
     budget: int = 200
     """Epoch budget T; the episode is truncated after T epochs."""
     action_mode: str = "log_bound"
-    """'log_bound': a in [-1, 1] -> lr = (2/L) * 10^(log_range * a) per factor (scale-free, default);
-    'paper': a in [0, lr_max] is the absolute learning rate of both factors, as in the paper."""
+    """'log_bound': a in [-1, 1] -> lr = action_center * (2/L) * 10^(log_range * a) per factor (scale-free,
+    default); 'paper': a in [0, lr_max] is the absolute learning rate of both factors, as in the paper."""
     lr_max: float = 1.0
     """Upper end of the 'paper' action space (the paper: 1, about 10x its bound)."""
     log_range: float = 1.0
-    """Decades covered on each side of the bound by the 'log_bound' action."""
+    """Decades covered on each side of the centre by the 'log_bound' action."""
+    action_center: float = 0.25
+    """'log_bound': the fraction of the bound 2/L that a = 0 selects, i.e. the untrained policy's mean step
+    (0.25 = 0.5/L). Minibatch SGD already diverges at ~0.55-0.6 of 2/L (the bound holds for full-batch
+    steps), so a policy centred on the bound would spend its first thousands of steps diverging."""
     obs_features: tuple[str, ...] = DEFAULT_OBS
     """Observation features, a subset of OBS_FEATURES (see NMFEnv's docstring)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -70,8 +74,9 @@ class TaskConfig:
             raise ValueError(f"unknown observation features {bad}; choose from {OBS_FEATURES}")
         if not (isinstance(self.budget, (int, np.integer)) and self.budget >= 1):
             raise ValueError(f"budget must be a positive integer number of epochs, got {self.budget!r}")
-        if not self.lr_max > 0 or not self.log_range > 0:
-            raise ValueError(f"lr_max and log_range must be > 0, got {self.lr_max}, {self.log_range}")
+        if not (self.lr_max > 0 and self.log_range > 0 and self.action_center > 0):
+            raise ValueError(f"lr_max, log_range and action_center must be > 0, got {self.lr_max}, "
+                             f"{self.log_range}, {self.action_center}")
         if not self.divergence_factor > 1:
             raise ValueError(f"divergence_factor must be > 1, got {self.divergence_factor}")
 
@@ -121,7 +126,7 @@ class TaskConfig:
         if self.action_mode == "paper":
             lr = np.repeat(a[:, None], 2, axis=1)
         else:
-            lr = (2.0 / np.maximum(L, _TINY)) * 10.0 ** (self.log_range * a[:, None])
+            lr = (2.0 * self.action_center / np.maximum(L, _TINY)) * 10.0 ** (self.log_range * a[:, None])
         return lr, a, invalid
 
     def action_for_scale(self, scale: np.ndarray | float) -> np.ndarray:
@@ -129,7 +134,7 @@ class TaskConfig:
         if self.action_mode != "log_bound":
             raise ValueError("action_for_scale needs action_mode='log_bound'")
         s = np.maximum(np.asarray(scale, dtype=np.float64), _TINY)
-        return np.clip(np.log10(s) / self.log_range, -1.0, 1.0).astype(np.float32)
+        return np.clip(np.log10(s / self.action_center) / self.log_range, -1.0, 1.0).astype(np.float32)
 
 
 class EpisodeTracker:

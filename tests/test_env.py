@@ -155,7 +155,7 @@ def test_out_of_space_actions_are_clipped(action):
     obs, r, te, tr, info = env.step(np.array([action], dtype=np.float32))
     assert np.all(np.isfinite(obs)) and np.isfinite(r)
     expected = env.task.log_range if action > 0 else -env.task.log_range
-    assert info["lr_W"] == pytest.approx(info["bound_W"] * 10 ** expected, rel=1e-6)
+    assert info["lr_W"] == pytest.approx(env.task.action_center * info["bound_W"] * 10 ** expected, rel=1e-6)
     assert not info["invalid_action"]
 
 
@@ -182,6 +182,29 @@ def test_divergence_keeps_observations_finite_and_resets():
     assert te and info["diverged"]
 
 
+@pytest.mark.parametrize("center", [0.25, 1.0])
+def test_zero_action_is_the_centre_fraction_of_the_bound(center):
+    """a = 0 (an untrained policy's mean) steps at action_center * 2/L; action_for_scale inverts the map."""
+    env = NMFEnv("small", problem_params=FAMILY_PARAMS["small"], action_center=center)
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(np.zeros(1, dtype=np.float32))
+    assert info["lr_W"] == pytest.approx(center * info["bound_W"], rel=1e-6)
+    assert info["lr_H"] == pytest.approx(center * info["bound_H"], rel=1e-6)
+    _, _, _, _, info = env.step(env.task.action_for_scale(0.4))
+    assert info["lr_W"] == pytest.approx(0.4 * info["bound_W"], rel=1e-5)
+
+
+def test_default_centre_keeps_an_untrained_policy_from_diverging():
+    """The default centre is below the minibatch stability cliff: a = 0 runs a whole episode."""
+    env = NMFEnv("small")  # the real preset: the cliff depends on the minibatch size
+    _, info0 = env.reset(seed=3)
+    for _ in range(env.task.budget):
+        _, _, te, tr, info = env.step(np.zeros(1, dtype=np.float32))
+        if te or tr:
+            break
+    assert not info["diverged"] and info["loss"] < 0.1 * info0["loss"]
+
+
 def test_paper_action_mode_is_absolute():
     env = NMFEnv("small", problem_params=FAMILY_PARAMS["small"], action_mode="paper")
     assert env.action_space.low[0] == 0 and env.action_space.high[0] == 1
@@ -205,6 +228,7 @@ def test_optional_observation_features():
     (dict(action_mode="absolute"), "action_mode"),
     (dict(obs_features=("loss", "lr")), "observation features"),
     (dict(budget=0), "budget"),
+    (dict(action_center=0.0), "action_center"),
     (dict(dtype="float16"), "dtype"),
     (dict(instances="test"), "instances"),
     (dict(num_blocks=0), "num_blocks"),
