@@ -47,8 +47,9 @@ class TrainConfig:
     """Seed of PPO, the environments' generators and the training instance draws."""
     hyperparams: dict = field(default_factory=dict)
     """Resolved PPO hyperparameters (rl-baselines3-zoo keys: n_envs, n_timesteps, policy, normalize, ...)."""
-    vec: str = "dummy"
-    """Vector env: 'dummy' (in-process), 'subproc' (one process per env) or 'batched' (one batched env)."""
+    vec: str = "batched"
+    """Vector env: 'batched' (all envs stepped together by one engine: same trajectories as 'dummy', ~3x
+    faster on small problems), 'dummy' (one NMFEnv per env, in-process) or 'subproc' (one process per env)."""
     device: str = "cpu"
     """Torch device of the policy."""
     env_device: str = "cpu"
@@ -290,7 +291,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exp", default="ppo", help="experiment name (part of the run directory name)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--hyperparams", default=str(HYPERPARAMS), help="YAML file of hyperparameters per family")
-    p.add_argument("--vec", choices=VEC_KINDS, default="dummy", help="vector env implementation")
+    p.add_argument("--vec", choices=VEC_KINDS, default="batched", help="vector env implementation")
     p.add_argument("--device", default="cpu", help="torch device of the policy")
     p.add_argument("--env-device", default="cpu", help="torch device of the environments (batched env: cuda)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process")
