@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=10, help="held-out instances for the final evaluation")
     p.add_argument("--model", action="append", default=[], help="evaluate existing run(s) instead of training")
     p.add_argument("--methods", default="all", help="baseline methods (comma list, or 'all')")
-    p.add_argument("--vec", default="dummy", choices=("dummy", "subproc", "batched"), help="vector env for training")
+    p.add_argument("--vec", default="batched", choices=("dummy", "subproc", "batched"), help="vector env for training")
     args = p.parse_args(argv)
 
     timings = {}
