@@ -7,7 +7,8 @@ For each preset (``small``, ``medium``, ``paper``) and device it measures, in on
 * the raw epoch (``engine.epoch`` + ``engine.loss()``, the least a plain training loop does);
 * env-epochs/s of one :class:`lrenv.env.NMFEnv`, of a ``DummyVecEnv`` of ``B`` of them and of
   :class:`lrenv.vec_env.BatchedNMFVecEnv` with ``B`` slots;
-* end to end PPO (SB3 ``MlpPolicy``, 8 envs) training steps/s on ``small``, batched vs DummyVecEnv.
+* end to end PPO training steps/s on ``small`` (8 envs, set up as ``lrenv train`` does) with the batched
+  env, with a DummyVecEnv, and with an env that costs nothing (PPO's own ceiling).
 
 Every measured number is the best of a few timed windows (the machine may be shared). Prints a table
 and writes JSON with ``--out``. Targets (reported as met / not met): CPU small batched B=8 at least 3x
@@ -24,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from stable_baselines3.common.vec_env import VecEnv
 
 PRESETS = ("small", "medium", "paper")
 TARGET_BATCHED_SPEEDUP = 3.0
@@ -127,23 +129,79 @@ def measure_batched(preset: str, B: int, device: torch.device, seconds: float, m
     return best_time(lambda: venv.step(a), seconds=seconds, max_calls=max_calls, device=device)
 
 
-def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset: str = "small") -> float:
-    """End-to-end SB3 PPO training steps/s (rollouts + updates) on ``preset`` with ``n_envs`` envs."""
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.vec_env import DummyVecEnv
-    from .env import NMFEnv
-    from .vec_env import BatchedNMFVecEnv
-    if kind == "batched":
-        venv = BatchedNMFVecEnv(preset, num_envs=n_envs, device=str(device))
+class NullVecEnv(VecEnv):
+    """A VecEnv with the task's spaces whose step costs nothing (episodes of ``episode_len`` steps):
+    PPO's own ceiling, measured in the same run as the real environments."""
+
+    def __init__(self, num_envs: int, episode_len: int):
+        from .task import TaskConfig
+        task = TaskConfig()
+        super().__init__(num_envs, task.observation_space(), task.action_space())
+        self.episode_len = episode_len
+        self.t = np.zeros(num_envs, dtype=np.int64)
+        self._obs = np.zeros((num_envs,) + self.observation_space.shape, dtype=np.float32)
+
+    def reset(self):
+        self.t[:] = 0
+        return self._obs.copy()
+
+    def step_async(self, actions):
+        pass
+
+    def step_wait(self):
+        self.t += 1
+        done = self.t >= self.episode_len
+        self.t[done] = 0
+        infos = [{"terminal_observation": self._obs[i]} if done[i] else {} for i in range(self.num_envs)]
+        return self._obs.copy(), np.zeros(self.num_envs, dtype=np.float32), done, infos
+
+    def close(self):
+        pass
+
+    def get_attr(self, attr_name, indices=None):
+        return [None for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name, value, indices=None):
+        pass
+
+    def env_method(self, method_name, *args, indices=None, **kwargs):
+        return [None for _ in self._get_indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class, indices=None):
+        return [False for _ in self._get_indices(indices)]
+
+
+PPO_KINDS = ("batched", "dummy", "null")
+
+
+def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset: str = "small") -> dict:
+    """End-to-end PPO training steps/s set up exactly as ``lrenv train --problem PRESET --vec KIND`` does
+    (the zoo hyperparameters, VecMonitor, VecNormalize), from a fresh policy; ``kind="null"`` swaps in
+    :class:`NullVecEnv` to measure PPO alone. Also reports how many episodes ended per 1000 steps: an
+    untrained policy's episodes are short, so resets weigh more early in training."""
+    import tempfile
+    from agents.train import TrainConfig, load_hyperparams, make_model, make_vec_env, wrap_normalize
+    from stable_baselines3.common.vec_env import VecMonitor
+    from .problems import make_family
+    hp = load_hyperparams(preset, [f"n_envs:{n_envs}"])
+    cfg = TrainConfig(problem=preset, vec="dummy" if kind == "null" else kind, env_device=str(device),
+                      hyperparams=hp, progress=False)
+    if kind == "null":
+        monitor = VecMonitor(NullVecEnv(n_envs, make_family(preset).budget))
     else:
-        venv = DummyVecEnv([lambda: NMFEnv(preset, device=str(device)) for _ in range(n_envs)])
-    n_steps = 256
-    model = PPO("MlpPolicy", venv, n_steps=n_steps, batch_size=256, n_epochs=4, seed=0, verbose=0, device="cpu")
-    model.learn(total_timesteps=n_steps * n_envs)  # warm up (first rollout, first update)
-    before = model.num_timesteps
-    t0 = time.perf_counter()
-    model.learn(total_timesteps=steps, reset_num_timesteps=False)
-    return (model.num_timesteps - before) / (time.perf_counter() - t0)
+        monitor = make_vec_env(cfg, n_envs)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_model(cfg, wrap_normalize(monitor, hp), tmp)
+        rollout = model.n_steps * n_envs
+        model.learn(total_timesteps=rollout)  # warm up: first rollout and first update
+        before, episodes = model.num_timesteps, monitor.episode_count
+        t0 = time.perf_counter()
+        model.learn(total_timesteps=max(steps, rollout), reset_num_timesteps=False)
+        elapsed = time.perf_counter() - t0
+    done = model.num_timesteps - before
+    return dict(steps_per_s=done / elapsed, steps=done,
+                episodes_per_1000_steps=1000.0 * (monitor.episode_count - episodes) / done,
+                n_steps=hp.get("n_steps"), batch_size=hp.get("batch_size"), n_epochs=hp.get("n_epochs"))
 
 
 def preset_shape(preset: str) -> tuple[int, int, int]:
@@ -216,8 +274,9 @@ def run(args: argparse.Namespace) -> int:
             rows.append(row)
             print(f"  measured {dev_name} {preset}", flush=True)
     if args.ppo_steps > 0 and "small" in args.presets:
-        for kind in ("batched", "dummy"):
+        for kind in PPO_KINDS:
             result["ppo"][kind] = measure_ppo(kind, args.ppo_envs, args.ppo_steps, torch.device("cpu"))
+            print(f"  measured PPO with the {kind} env", flush=True)
     # ---- targets
     cpu_small = next((r for r in rows if r["device"] == "cpu" and r["preset"] == "small"), None)
     targets = {}
@@ -226,8 +285,9 @@ def run(args: argparse.Namespace) -> int:
                                                        target=TARGET_BATCHED_SPEEDUP, B=cpu_small["B"],
                                                        met=cpu_small["batched_over_dummy"] >= TARGET_BATCHED_SPEEDUP)
     if result["ppo"]:
-        targets["ppo_small_batched_steps_per_s"] = dict(value=result["ppo"]["batched"], target=TARGET_PPO_STEPS,
-                                                        met=result["ppo"]["batched"] >= TARGET_PPO_STEPS)
+        value = result["ppo"]["batched"]["steps_per_s"]
+        targets["ppo_small_batched_steps_per_s"] = dict(value=value, target=TARGET_PPO_STEPS,
+                                                        met=value >= TARGET_PPO_STEPS)
     result["targets"] = targets
     print_report(result)
     if args.out:
@@ -252,8 +312,14 @@ def print_report(result: dict) -> None:
               f"{r['step_over_raw']:>8.2f} {r['dummy_env_epochs_per_s']:>8.1f} {r['batched_env_epochs_per_s']:>9.1f} "
               f"{r['batched_over_dummy']:>7.2f}")
     if result["ppo"]:
-        print("\nPPO end-to-end on small (MlpPolicy, steps/s incl. updates): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in result["ppo"].items()))
+        ceiling = result["ppo"].get("null", {}).get("steps_per_s")
+        any_run = next(iter(result["ppo"].values()))
+        print(f"\nPPO end to end on small, fresh policy, as `lrenv train` sets it up (n_steps {any_run['n_steps']}, "
+              f"batch {any_run['batch_size']}, n_epochs {any_run['n_epochs']}); null = an env that costs nothing")
+        print(f"{'env':8} {'steps/s':>8} {'of null':>8} {'episodes/1k steps':>18}")
+        for kind, r in result["ppo"].items():
+            share = "-" if not ceiling else f"{r['steps_per_s'] / ceiling:.2f}"
+            print(f"{kind:8} {r['steps_per_s']:>8.0f} {share:>8} {r['episodes_per_1000_steps']:>18.1f}")
     for name, t in result.get("targets", {}).items():
         print(f"target {name}: {t['value']:.2f} vs {t['target']} -> {'MET' if t['met'] else 'NOT MET'}")
 

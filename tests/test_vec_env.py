@@ -148,3 +148,14 @@ def test_bench_smoke(tmp_path, capsys):
     assert row["batched_env_epochs_per_s"] > 0 and row["roofline_epochs_per_s"] > row["raw_epochs_per_s"]
     assert "cpu_small_batched_over_dummy" in res["targets"]
     assert "bat/dum" in capsys.readouterr().out
+
+
+def test_bench_ppo_runs_the_training_setup():
+    """The PPO benchmark builds PPO as `lrenv train` does and counts episodes; the null env's are exact."""
+    from lrenv.bench import measure_ppo
+    null = measure_ppo("null", 2, 512, torch.device("cpu"))
+    # after the 512-step warm-up each env is at step 256 % 200 = 56; 256 more steps end one episode each
+    assert null["steps"] == 512 and null["episodes_per_1000_steps"] == pytest.approx(1000 * 2 / 512)
+    assert null["n_steps"] == 256 and null["steps_per_s"] > 0
+    real = measure_ppo("batched", 2, 512, torch.device("cpu"))
+    assert real["steps"] == 512 and real["steps_per_s"] > 0
