@@ -190,6 +190,8 @@ def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset
         monitor = VecMonitor(NullVecEnv(n_envs, make_family(preset).budget))
     else:
         monitor = make_vec_env(cfg, n_envs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.torch_threads)  # as train() does
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(cfg, wrap_normalize(monitor, hp), tmp)
         rollout = model.n_steps * n_envs
@@ -198,8 +200,9 @@ def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset
         t0 = time.perf_counter()
         model.learn(total_timesteps=max(steps, rollout), reset_num_timesteps=False)
         elapsed = time.perf_counter() - t0
+    torch.set_num_threads(threads)
     done = model.num_timesteps - before
-    return dict(steps_per_s=done / elapsed, steps=done,
+    return dict(steps_per_s=done / elapsed, steps=done, torch_threads=cfg.torch_threads,
                 episodes_per_1000_steps=1000.0 * (monitor.episode_count - episodes) / done,
                 n_steps=hp.get("n_steps"), batch_size=hp.get("batch_size"), n_epochs=hp.get("n_epochs"))
 
@@ -315,7 +318,8 @@ def print_report(result: dict) -> None:
         ceiling = result["ppo"].get("null", {}).get("steps_per_s")
         any_run = next(iter(result["ppo"].values()))
         print(f"\nPPO end to end on small, fresh policy, as `lrenv train` sets it up (n_steps {any_run['n_steps']}, "
-              f"batch {any_run['batch_size']}, n_epochs {any_run['n_epochs']}); null = an env that costs nothing")
+              f"batch {any_run['batch_size']}, n_epochs {any_run['n_epochs']}, {any_run['torch_threads']} torch "
+              f"thread); null = an env that costs nothing")
         print(f"{'env':8} {'steps/s':>8} {'of null':>8} {'episodes/1k steps':>18}")
         for kind, r in result["ppo"].items():
             share = "-" if not ceiling else f"{r['steps_per_s'] / ceiling:.2f}"
