@@ -192,15 +192,17 @@ def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset
         monitor = make_vec_env(cfg, n_envs)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.torch_threads)  # as train() does
-    with tempfile.TemporaryDirectory() as tmp:
-        model = make_model(cfg, wrap_normalize(monitor, hp), tmp)
-        rollout = model.n_steps * n_envs
-        model.learn(total_timesteps=rollout)  # warm up: first rollout and first update
-        before, episodes = model.num_timesteps, monitor.episode_count
-        t0 = time.perf_counter()
-        model.learn(total_timesteps=max(steps, rollout), reset_num_timesteps=False)
-        elapsed = time.perf_counter() - t0
-    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = make_model(cfg, wrap_normalize(monitor, hp), tmp)
+            rollout = model.n_steps * n_envs
+            model.learn(total_timesteps=rollout)  # warm up: first rollout and first update
+            before, episodes = model.num_timesteps, monitor.episode_count
+            t0 = time.perf_counter()
+            model.learn(total_timesteps=max(steps, rollout), reset_num_timesteps=False)
+            elapsed = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
     done = model.num_timesteps - before
     return dict(steps_per_s=done / elapsed, steps=done, torch_threads=cfg.torch_threads,
                 episodes_per_1000_steps=1000.0 * (monitor.episode_count - episodes) / done,

@@ -120,7 +120,10 @@ def _check_rank(name: str, rank: int, m: int, n: int) -> None:
 
 
 def loss_of(V: np.ndarray, W: np.ndarray, H: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """1/2 ||M o (V - W H)||^2 in float64 (reference values; the engine computes its own)."""
+    """1/2 ||M o (V - W H)||^2 in float64 (reference values; the engine computes its own).
+
+    Summed elementwise on purpose: a BLAS dot here wakes OpenBLAS's threads, which then spin against torch's
+    for the same cores (measured: the batched env stepped 2x slower after instance generation used one)."""
     D = W @ H - V
     if mask is not None:
         D = D * mask
@@ -167,9 +170,7 @@ def paper_family(preset: str = "small", *, m: int | None = None, n: int | None =
         V *= noise * clean.std()
         V += clean
         np.maximum(V, 0.0, out=V)
-        D = clean - V
-        truth = 0.5 * float(np.sum(D * D))  # not D @ D: a BLAS dot wakes OpenBLAS threads that then spin
-        # against torch's threads for the same cores (measured: the batched env stepped 2x slower)
+        truth = loss_of(V, W0, H0)
         init = _nmf_init(V, r_)
         target = target_factor * truth if truth > 0 else 1e-6 * loss_of(V, *init(np.random.default_rng(seed)))
         return Problem(V=V, rank=r_, init=init, target_loss=target, info={"truth_loss": truth})
