@@ -55,7 +55,10 @@ class TrainConfig:
     env_device: str = "cpu"
     """Torch device of the environments' SGD (the batched env can step all problems on a GPU)."""
     torch_threads: int = 1
-    """Torch threads in this process; one is usually fastest for small per-env matrices on CPU."""
+    """Torch threads of PPO's policy in this process; one is fastest for its small networks on CPU."""
+    env_threads: int = 0
+    """Torch threads while the environments' SGD computes on a CPU (0: every core for 'batched' and 'dummy',
+    which step in this process between PPO's updates; one per process for 'subproc')."""
     eval_freq: int = 10_000
     """Evaluate on held-out instances every this many timesteps (0 = never)."""
     eval_episodes: int = 5
@@ -126,12 +129,23 @@ def make_env_fn(env_kwargs: dict, instances="train"):
     return make
 
 
+def env_threads(cfg: TrainConfig) -> int:
+    """The torch thread count of the environments' engines (see TrainConfig.env_threads)."""
+    if cfg.env_threads < 0:
+        raise ValueError(f"env_threads must be >= 0 (0: automatic), got {cfg.env_threads}")
+    if cfg.env_threads:
+        return cfg.env_threads
+    if cfg.vec == "subproc":
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def make_vec_env(cfg: TrainConfig, n_envs: int, instances="train", seed: int = 0):
     """A VecMonitor-wrapped vector env of ``n_envs`` learning-rate environments."""
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor
     if cfg.vec not in VEC_KINDS:
         raise ValueError(f"unknown vec kind {cfg.vec!r}; choose one of {VEC_KINDS}")
-    kwargs = dict(cfg.env_kwargs, device=cfg.env_device)
+    kwargs = dict(cfg.env_kwargs, device=cfg.env_device, threads=env_threads(cfg))
     if cfg.vec == "batched":
         from lrenv.vec_env import BatchedNMFVecEnv
         venv = BatchedNMFVecEnv(num_envs=n_envs, instances=instances, **kwargs)
@@ -294,7 +308,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vec", choices=VEC_KINDS, default="batched", help="vector env implementation")
     p.add_argument("--device", default="cpu", help="torch device of the policy")
     p.add_argument("--env-device", default="cpu", help="torch device of the environments (batched env: cuda)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the policy (PPO) in this process")
+    p.add_argument("--env-threads", type=int, default=0,
+                   help="torch threads of the environments' SGD on CPU (0: all cores in-process, 1 per subprocess)")
     p.add_argument("--eval-freq", type=int, default=10_000, help="held-out evaluation every N timesteps (0: off)")
     p.add_argument("--eval-episodes", type=int, default=5, help="held-out instances per evaluation")
     p.add_argument("--checkpoint-freq", type=int, default=20_000, help="checkpoint every N timesteps")
@@ -308,7 +324,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(problem=args.problem, problem_params=parse_problem_params(args.problem_param), exp=args.exp,
                        seed=args.seed, hyperparams=load_hyperparams(args.problem, args.overrides, args.hyperparams),
                        vec=args.vec, device=args.device, env_device=args.env_device, torch_threads=args.threads,
-                       eval_freq=args.eval_freq, eval_episodes=args.eval_episodes,
+                       env_threads=args.env_threads, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes,
                        checkpoint_freq=args.checkpoint_freq, runs_dir=args.runs_dir, progress=not args.no_progress)
 
 

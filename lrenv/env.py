@@ -27,7 +27,7 @@ def resolve_instances(instances: str | range | list[int]) -> range | list[int]:
 
 
 def engine_config(family: ProblemFamily, num_blocks: int | None, grad_noise: float, device: str | torch.device,
-                  dtype: str | torch.dtype) -> EngineConfig:
+                  dtype: str | torch.dtype, threads: int | None = None) -> EngineConfig:
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -37,7 +37,7 @@ def engine_config(family: ProblemFamily, num_blocks: int | None, grad_noise: flo
     return EngineConfig(m=family.m, n=family.n, rank=family.rank,
                         num_blocks=family.num_blocks if num_blocks is None else int(num_blocks),
                         nonneg=family.nonneg, reg=family.reg, grad_noise=grad_noise, masked=family.masked,
-                        heldout=family.has_heldout, device=torch.device(device), dtype=dtype)
+                        heldout=family.has_heldout, device=torch.device(device), dtype=dtype, threads=threads)
 
 
 def load_instance(engine: SGDEngine, slot: int, problem: Problem, rng: np.random.Generator,
@@ -101,7 +101,8 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     ## Arguments
     ``problem`` (a family name or path, see :func:`lrenv.problems.make_family`) with ``problem_params``;
     ``instances``: ``'train'``, ``'eval'`` or explicit seeds; ``budget`` (default: the family's);
-    ``num_blocks`` minibatches per epoch; ``grad_noise``; ``device``; ``dtype``; and every
+    ``num_blocks`` minibatches per epoch; ``grad_noise``; ``device``; ``dtype``; ``threads`` (torch threads
+    while the engine computes on a CPU, None: as torch is set); and every
     :class:`lrenv.task.TaskConfig` field as a keyword (``action_mode``, ``reward``, ``obs_features``...).
     ``reset(options={"instance": seed})`` pins the instance.
     """
@@ -111,12 +112,13 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     def __init__(self, problem: str | ProblemFamily = "small", *, problem_params: dict | None = None,
                  instances: str | range | list[int] = "train", budget: int | None = None,
                  num_blocks: int | None = None, grad_noise: float = 0.0, device: str = "cpu",
-                 dtype: str = "float32", **task_kwargs: Any):
+                 dtype: str = "float32", threads: int | None = None, **task_kwargs: Any):
         super().__init__()
         self.family = make_family(problem, **(problem_params or {}))
         self.instances = resolve_instances(instances)
         self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget, **task_kwargs)
-        self.engine = SGDEngine(engine_config(self.family, num_blocks, grad_noise, device, dtype), batch=1)
+        self.engine = SGDEngine(engine_config(self.family, num_blocks, grad_noise, device, dtype, threads),
+                                 batch=1)
         self.tracker = EpisodeTracker(self.task, 1, self.family.has_heldout)
         self.observation_space = self.task.observation_space()
         self.action_space = self.task.action_space()

@@ -83,21 +83,22 @@ class BatchedNMFVecEnv(VecEnv):
     """``num_envs`` :class:`lrenv.env.NMFEnv` environments of one family, stepped together on one device.
 
     Arguments are NMFEnv's (``problem, problem_params, instances, budget, num_blocks, grad_noise,
-    device, dtype`` and every :class:`lrenv.task.TaskConfig` field) plus ``num_envs``. Raises
+    device, dtype, threads`` and every :class:`lrenv.task.TaskConfig` field) plus ``num_envs``. Raises
     ValueError before allocating anything when the batch does not fit in memory.
     """
 
     def __init__(self, problem: str | ProblemFamily = "small", num_envs: int = 8, *,
                  problem_params: dict | None = None, instances: str | range | list[int] = "train",
                  budget: int | None = None, num_blocks: int | None = None, grad_noise: float = 0.0,
-                 device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", **task_kwargs: Any):
+                 device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+                 threads: int | None = None, **task_kwargs: Any):
         if not (isinstance(num_envs, (int, np.integer)) and num_envs >= 1):
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         self.render_mode = None
         self.family = make_family(problem, **(problem_params or {}))
         self.instances = resolve_instances(instances)
         self.task = TaskConfig.from_kwargs(budget=budget or self.family.budget, **task_kwargs)
-        cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype)
+        cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype, threads)
         self.memory_bytes = check_memory(cfg, int(num_envs))
         B = int(num_envs)
         self.engine = SGDEngine(cfg, batch=B)

@@ -165,3 +165,31 @@ def test_batched_engine_matches_single_instances():
         e.epoch(lr[i:i + 1], orders[i:i + 1])
         np.testing.assert_allclose(batched.factors(i)[0], e.factors(0)[0], rtol=1e-12)
         np.testing.assert_allclose(batched.evaluate()[i].numpy(), e.evaluate()[0].numpy(), rtol=1e-10)
+
+
+def test_engine_computes_with_its_thread_count_and_restores_the_callers(monkeypatch):
+    """cfg.threads: the engine's products run on that many torch threads (training keeps PPO on one), and
+    the caller's setting is back afterwards, also after an error; bad counts are refused."""
+    V, W0, H0 = random_problem()
+    m, n = V.shape
+    cfg = EngineConfig(m=m, n=n, rank=4, num_blocks=2, threads=2)
+    eng = SGDEngine(cfg)
+    eng.load(0, V, W0, H0, row_perm=np.arange(m))
+    seen = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: seen.append(torch.get_num_threads()) or bmm(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        eng.epoch(torch.tensor([[1e-3, 1e-3]]), np.array([[0, 1]]))
+        eng.evaluate()
+        assert seen and set(seen) == {2}
+        assert torch.get_num_threads() == 1
+        with pytest.raises(IndexError):
+            eng.epoch(torch.tensor([[1e-3, 1e-3]]), np.array([[0, 5]]))  # no block 5
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="threads must be a positive"):
+            SGDEngine(EngineConfig(m=m, n=n, rank=4, threads=bad))
