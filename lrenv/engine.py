@@ -219,21 +219,21 @@ class SGDEngine:
         lr_H = lr[:, 1].reshape(-1, 1, 1) * K  # K: the H gradient estimate is K * (minibatch gradient)
         single = self.B == 1
         H = self.H
-        # Block-major (K, B, b, .) tensors: entry j holds block j of every slot, contiguous.
-        if single:  # views of the slot tensors, updated in place, nothing gathered
-            blocks = [int(j) for j in order[0]]
-            Vs, Ws, ws = (None if t is None else t.transpose(0, 1) for t in (self.V, self.W, self.weight))
-        else:  # every slot's blocks gathered once, in visiting order (one copy, not one per block)
-            blocks = range(K)
-            flat_idx = (torch.as_tensor(order, device=self.V.device).T + self._arange * K).long().reshape(-1)
-            gather = lambda t: t.view(self.B * K, *t.shape[2:]).index_select(0, flat_idx).view(  # noqa: E731
-                K, self.B, *t.shape[2:])
-            Vs, Ws = gather(self.V), gather(self.W)
-            ws = None if self.weight is None else gather(self.weight)
-        for j in blocks:
-            Vk, Wk = Vs[j], Ws[j]
-            wk = None if ws is None else ws[j]
-            # Wk H - Vk; gathered blocks (B > 1) are a private copy, so the product can overwrite them
+        if not single:  # gather/scatter blocks through flat (B*K, b, .) views: index_select is cheap
+            flat_idx = (torch.as_tensor(order, device=self.V.device) + self._arange[:, None] * K).long()
+            Vflat = self.V.view(self.B * K, *self.V.shape[2:])
+            Wflat = self.W.view(self.B * K, *self.W.shape[2:])
+            wflat = None if self.weight is None else self.weight.view(self.B * K, *self.weight.shape[2:])
+        for k in range(K):
+            if single:
+                blk = int(order[0, k])
+                Vk, Wk = self.V[:, blk], self.W[:, blk]
+                wk = None if self.weight is None else self.weight[:, blk]
+            else:
+                idx = flat_idx[:, k]
+                Vk, Wk = Vflat.index_select(0, idx), Wflat.index_select(0, idx)
+                wk = None if wflat is None else wflat.index_select(0, idx)
+            # Wk H - Vk; a gathered Vk (B > 1) is a private copy, so the product can overwrite it
             R = torch.baddbmm(Vk, Wk, H, beta=-1) if single else Vk.baddbmm_(Wk, H, beta=-1)
             if wk is not None:
                 R.mul_(wk)
@@ -248,13 +248,13 @@ class SGDEngine:
             if self.has_fixed:
                 gW.mul_(self.free_W)
                 gH.mul_(self.free_H)
-            Wk.addcmul_(gW, lr_W, value=-1)  # in place on a view of self.W (B == 1) or of the gathered copy
+            Wk.addcmul_(gW, lr_W, value=-1)  # in place: Wk is a view of self.W when B == 1
             H.addcmul_(gH, lr_H, value=-1)
             if cfg.nonneg:
                 Wk.clamp_(min=0)
                 H.clamp_(min=0)
-        if not single:
-            self.W.view(self.B * K, *self.W.shape[2:]).index_copy_(0, flat_idx, Ws.view(self.B * K, *Ws.shape[2:]))
+            if not single:
+                Wflat.index_copy_(0, idx, Wk)
 
     def _add_noise(self, g: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
         rms = (_sqnorm(g) / g[0].numel()).sqrt().reshape(-1, 1, 1)
