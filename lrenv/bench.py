@@ -180,7 +180,7 @@ def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset
     :class:`NullVecEnv` to measure PPO alone. Also reports how many episodes ended per 1000 steps: an
     untrained policy's episodes are short, so resets weigh more early in training."""
     import tempfile
-    from agents.train import TrainConfig, load_hyperparams, make_model, make_vec_env, wrap_normalize
+    from agents.train import TrainConfig, env_threads, load_hyperparams, make_model, make_vec_env, wrap_normalize
     from stable_baselines3.common.vec_env import VecMonitor
     from .problems import make_family
     hp = load_hyperparams(preset, [f"n_envs:{n_envs}"])
@@ -204,7 +204,7 @@ def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset
     finally:
         torch.set_num_threads(threads)
     done = model.num_timesteps - before
-    return dict(steps_per_s=done / elapsed, steps=done, torch_threads=cfg.torch_threads,
+    return dict(steps_per_s=done / elapsed, steps=done, torch_threads=cfg.torch_threads, env_threads=env_threads(cfg),
                 episodes_per_1000_steps=1000.0 * (monitor.episode_count - episodes) / done,
                 n_steps=hp.get("n_steps"), batch_size=hp.get("batch_size"), n_epochs=hp.get("n_epochs"))
 
@@ -320,8 +320,8 @@ def print_report(result: dict) -> None:
         ceiling = result["ppo"].get("null", {}).get("steps_per_s")
         any_run = next(iter(result["ppo"].values()))
         print(f"\nPPO end to end on small, fresh policy, as `lrenv train` sets it up (n_steps {any_run['n_steps']}, "
-              f"batch {any_run['batch_size']}, n_epochs {any_run['n_epochs']}, {any_run['torch_threads']} torch "
-              f"thread); null = an env that costs nothing")
+              f"batch {any_run['batch_size']}, n_epochs {any_run['n_epochs']}; PPO on {any_run['torch_threads']} torch "
+              f"thread, the envs' SGD on {any_run['env_threads']}); null = an env that costs nothing")
         print(f"{'env':8} {'steps/s':>8} {'of null':>8} {'episodes/1k steps':>18}")
         for kind, r in result["ppo"].items():
             share = "-" if not ceiling else f"{r['steps_per_s'] / ceiling:.2f}"

@@ -346,11 +346,6 @@ class SGDEngine:
         """(B,) loss at the current iterate (what a plain training loop computes each epoch)."""
         return self._loss(self.W, self.H, self._weighted(self._residual(self.W, self.H)))
 
-    def _heldout_mse(self, D: torch.Tensor) -> torch.Tensor:
-        if self.heldout is None:
-            return torch.full((D.shape[0],), float("nan"), device=D.device, dtype=D.dtype)
-        return _sqnorm(D * self._flat(self.heldout)) / self.heldout_count
-
     @_with_threads
     def lipschitz(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-instance block Lipschitz constants (L_W, L_H), each of shape (B,)."""
