@@ -210,28 +210,29 @@ class EpisodeTracker:
         terminated = diverged | reached
         truncated = ~terminated & (self.epoch >= cfg.budget)
         self.done = terminated | truncated
-        infos = [self.info(i, lr[i], 2.0 / np.maximum(prev_L[i], _TINY), diverged[i], reached[i], invalid[i])
-                 for i in range(self.B)]
+        infos = self._infos(lr, 2.0 / np.maximum(prev_L, _TINY), diverged, reached, invalid)
         return self.observe(), reward, terminated, truncated, infos
 
-    def info(self, i: int, lr=(0.0, 0.0), bound=None, diverged=False, reached=False, invalid=False) -> dict:
-        s = self.stats[i]
-        if bound is None:
-            bound = 2.0 / np.maximum(s[[STAT_L_W, STAT_L_H]], _TINY)
-        info = {
-            "epoch": int(self.epoch[i]),
-            "loss": float(s[STAT_LOSS]),
-            "best_loss": float(self.best[i]),
-            "target_loss": float(self.target[i]),
-            "grad_norm": float(s[STAT_GRAD_NORM]),
-            "lr_W": float(lr[0]),
-            "lr_H": float(lr[1]),
-            "bound_W": float(bound[0]),
-            "bound_H": float(bound[1]),
-            "diverged": bool(diverged),
-            "reached_target": bool(reached),
-            "invalid_action": bool(invalid),
-        }
+    _INFO_KEYS = ("epoch", "loss", "best_loss", "target_loss", "grad_norm", "lr_W", "lr_H", "bound_W", "bound_H",
+                  "diverged", "reached_target", "invalid_action")
+
+    def _infos(self, lr, bound, diverged, reached, invalid, slots=slice(None)) -> list[dict]:
+        """The info dicts of ``slots`` (all by default; the other arguments hold one row per listed slot),
+        built from whole columns: one conversion per field, not one per slot and field (this runs every
+        step of every env)."""
+        s = self.stats[slots]
+        flags = [np.asarray(f, dtype=bool).tolist() for f in (diverged, reached, invalid)]
+        cols = [self.epoch[slots].tolist(), s[:, STAT_LOSS].tolist(), self.best[slots].tolist(),
+                self.target[slots].tolist(), s[:, STAT_GRAD_NORM].tolist(), lr[:, 0].tolist(), lr[:, 1].tolist(),
+                bound[:, 0].tolist(), bound[:, 1].tolist(), *flags]
+        infos = [dict(zip(self._INFO_KEYS, row)) for row in zip(*cols)]
         if self.has_heldout:
-            info["heldout_mse"] = float(s[STAT_HELDOUT])
-        return info
+            for info, mse in zip(infos, s[:, STAT_HELDOUT].tolist()):
+                info["heldout_mse"] = mse
+        return infos
+
+    def info(self, i: int) -> dict:
+        """Slot ``i``'s info at the start of an episode (no step taken yet: zero step sizes)."""
+        bound = 2.0 / np.maximum(self.stats[[i]][:, [STAT_L_W, STAT_L_H]], _TINY)
+        no = np.zeros(1, dtype=bool)
+        return self._infos(np.zeros((1, 2)), bound, no, no, no, slots=[i])[0]
