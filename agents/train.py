@@ -241,6 +241,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
     torch.set_num_threads(cfg.torch_threads)
     hp = cfg.hyperparams
     n_envs = hp["n_envs"]
+    venv = make_vec_env(cfg, n_envs, "train", seed=cfg.seed)  # first: a bad config fails before any file is written
     if resume is None:
         run_dir = Path(cfg.runs_dir) / f"{Path(cfg.problem).stem}__{cfg.exp}__{cfg.seed}__{int(time.time())}"
         run_dir.mkdir(parents=True, exist_ok=False)
@@ -248,7 +249,6 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
     else:
         run_dir = Path(resume)
 
-    venv = make_vec_env(cfg, n_envs, "train", seed=cfg.seed)
     if resume is None:
         venv = wrap_normalize(venv, hp)
         model = make_model(cfg, venv, run_dir)

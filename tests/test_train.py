@@ -116,3 +116,13 @@ def test_env_threads_reach_the_environments_engines(tmp_path):
     assert batched.venv.engine.cfg.threads == 2
     dummy = make_vec_env(tiny_config(tmp_path, vec="dummy"), 2)
     assert {e.engine.cfg.threads for e in dummy.venv.envs} == {cores}
+
+
+def test_bad_config_fails_before_a_run_directory_is_made(tmp_path):
+    for bad in (dict(env_threads=-1), dict(vec="threads")):
+        with pytest.raises(ValueError, match="env_threads must be|unknown vec kind"):
+            train(tiny_config(tmp_path, **bad))
+    hp = load_hyperparams("small", ["n_timesteps:100", "env_kwargs.action_mode:fast"])
+    with pytest.raises(ValueError, match="unknown action_mode"):
+        train(TrainConfig(problem="small", problem_params=SMALL, hyperparams=hp, runs_dir=str(tmp_path)))
+    assert list(tmp_path.iterdir()) == []
