@@ -313,7 +313,7 @@ class SGDEngine:
         idx, (V, W, H, weight, heldout, heldout_count) = self._slots(index)
         Wf = self._flat(W)
         D = self._residual(W, H, V)
-        R = D if weight is None else D * self._flat(weight)
+        R = self._weighted(D, weight)
         loss = self._loss(W, H, R)
         gW = _times_transpose(R, H).reshape(W.shape)
         gH = torch.bmm(Wf.transpose(1, 2), R)
