@@ -13,8 +13,8 @@ import sys
 SUBCOMMANDS = {
     "episode": ("lrenv.episode", "run one episode on a problem with a simple schedule and print the curve"),
     "evaluate": ("lrenv.evaluate", "score schedules (baselines and trained agents) on held-out instances"),
-    "train": ("agents.train", "train a PPO agent that picks the learning rate"),
-    "bench": ("lrenv.bench", "measure environment and training throughput against the hardware"),
+    "train": ("lrenv.agents.train", "train a PPO agent that picks the learning rate"),
+    "bench": ("lrenv.agents.bench", "measure environment and training throughput against the hardware"),
 }
 
 

@@ -47,7 +47,8 @@ from .env import NMFEnv
 from .problems import DEFAULT_PROBLEM, EVAL_SEEDS, parse_problem_params
 from .schedules import (Armijo, BarzilaiBorwein, CosineDecay, FixedLR, FixedScale, PolicySchedule, Polyak,
                         RandomUnderBound, RandomWalkBound, Schedule, TwoPhase, fixed_grid, load_policy)
-from .solvers import SOLVERS, SolverUnavailable, Trace, applicability, run_solver
+from .metrics import RESULT_COLUMNS, Trace, auc_log_loss, epochs_to_target, trace_metrics  # noqa: F401 (re-exported)
+from .solvers import SolverUnavailable, applicability, run_solver
 
 DEFAULT_SCALES = (0.2, 0.5, 1.0, 1.1, 1.3, 1.6, 1.9)
 """Fixed ``c`` of ``lr = c / L`` evaluated by ``fixed-scale`` (``c = 1`` is the mean of random-bound)."""
@@ -176,61 +177,7 @@ def run_schedule(schedule: Schedule, env_kwargs: dict, seed_index: int, *, seed:
                  extra_loss_evals=int(schedule.extra_loss_evals), divergence_factor=env.task.divergence_factor)
 
 
-# ----------------------------------------------------------------------------- metrics
-RESULT_COLUMNS = ("method", "seed_index", "instance", "epochs", "reached_target", "diverged", "epochs_to_target",
-                  "wall_to_target", "wall_time", "initial_loss", "final_loss", "best_loss", "target_loss",
-                  "heldout_mse", "auc_log_loss", "extra_loss_evals", "mean_lr_W", "mean_lr_H", "mean_scale_W",
-                  "mean_scale_H")
-
-
-def auc_log_loss(loss: np.ndarray, budget: int, *, diverged: bool = False, divergence_factor: float = 100.0) -> float:
-    """Mean of ``log10(loss_t / loss_0)`` over epochs ``1..budget``: a run that ended early keeps its
-    final value for the remaining epochs; non-finite values (and everything after a divergence) count
-    as ``log10(divergence_factor)``."""
-    loss = np.asarray(loss, dtype=np.float64)
-    f0 = loss[0]
-    cap = math.log10(divergence_factor)
-    with np.errstate(all="ignore"):
-        rel = np.log10(loss[1:budget + 1] / f0)
-    rel = np.where(np.isfinite(rel), np.minimum(rel, cap), cap)
-    if len(rel) == 0:
-        return 0.0
-    tail = cap if diverged else rel[-1]
-    padded = np.concatenate([rel, np.full(budget - len(rel), tail)])
-    return float(padded.mean())
-
-
-def epochs_to_target(loss: np.ndarray, target: float) -> float:
-    """First epoch index whose loss is <= ``target`` (0 = the initial point), NaN if none."""
-    hit = np.nonzero(np.asarray(loss, dtype=np.float64) <= target)[0]
-    return float(hit[0]) if len(hit) else math.nan
-
-
-def _nanmean(x: np.ndarray) -> float:
-    x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    return float(x.mean()) if len(x) else math.nan
-
-
-def trace_metrics(tr: Trace) -> dict[str, Any]:
-    """One results row from a :class:`Trace`."""
-    ett = epochs_to_target(tr.loss, tr.target_loss)
-    finite = tr.loss[np.isfinite(tr.loss)]
-    with np.errstate(all="ignore"):
-        sW, sH = tr.lr_W / tr.bound_W, tr.lr_H / tr.bound_H
-    return {
-        "method": tr.method, "seed_index": tr.seed_index, "instance": tr.instance, "epochs": len(tr.loss) - 1,
-        "reached_target": not math.isnan(ett), "diverged": bool(tr.diverged), "epochs_to_target": ett,
-        "wall_to_target": float(tr.wall[int(ett)]) if not math.isnan(ett) else math.nan,
-        "wall_time": float(tr.wall[-1]), "initial_loss": float(tr.loss[0]), "final_loss": float(tr.loss[-1]),
-        "best_loss": float(finite.min()) if len(finite) else math.nan, "target_loss": float(tr.target_loss),
-        "heldout_mse": float(tr.heldout_mse),
-        "auc_log_loss": auc_log_loss(tr.loss, tr.budget, diverged=tr.diverged, divergence_factor=tr.divergence_factor),
-        "extra_loss_evals": int(tr.extra_loss_evals), "mean_lr_W": _nanmean(tr.lr_W), "mean_lr_H": _nanmean(tr.lr_H),
-        "mean_scale_W": _nanmean(sW), "mean_scale_H": _nanmean(sH),
-    }
-
-
+# ----------------------------------------------------------------------------- aggregates
 def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, samples: int = BOOTSTRAP_SAMPLES,
                  seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean of the finite ``values`` (seeded); NaNs if none."""

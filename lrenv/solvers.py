@@ -18,49 +18,16 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from .env import NMFEnv
+from .metrics import Trace
 
 SOLVERS = ("adam", "sklearn-cd", "sklearn-mu", "lm")
 LM_MAX_JACOBIAN = 4_000_000
 """Largest Jacobian (residuals x parameters) the Levenberg-Marquardt solver builds."""
-
-
-@dataclass
-class Trace:
-    """The record of one run (a schedule in the env or an outside solver) on one instance.
-
-    ``loss`` and ``wall`` have one entry per epoch *including* epoch 0 (the initial point); the
-    learning-rate arrays have one entry per epoch run (NaN where not applicable).
-    """
-
-    method: str
-    seed_index: int
-    instance: int
-    target_loss: float
-    loss: np.ndarray
-    wall: np.ndarray
-    lr_W: np.ndarray
-    lr_H: np.ndarray
-    bound_W: np.ndarray
-    bound_H: np.ndarray
-    budget: int
-    diverged: bool = False
-    reached_target: bool = False
-    heldout_mse: float = float("nan")
-    extra_loss_evals: int = 0
-    divergence_factor: float = 100.0
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    def metrics(self) -> dict[str, Any]:
-        """The run's metrics row (see :func:`lrenv.evaluate.trace_metrics`)."""
-        from .evaluate import trace_metrics
-        return trace_metrics(self)
 
 
 class SolverUnavailable(ValueError):

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Throughput benchmark (same as ``lrenv bench``): see :mod:`lrenv.bench`."""
+"""Throughput benchmark (same as ``lrenv bench``): see :mod:`lrenv.agents.bench`."""
 
 import sys
 
-from lrenv.bench import main
+from lrenv.agents.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from lrenv.bench import epoch_flops, gemm_rate, measure_raw_epoch, measure_single_env, preset_shape
+from lrenv.agents.bench import epoch_flops, gemm_rate, measure_raw_epoch, measure_single_env, preset_shape
 
 GOAL = 1.3
 

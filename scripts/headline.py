@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from agents.train import TrainConfig, load_hyperparams, train
+from lrenv.agents.train import TrainConfig, load_hyperparams, train
 from lrenv.evaluate import evaluate
 from lrenv.schedules import load_policy
 

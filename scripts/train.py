@@ -1,4 +1,4 @@
-"""`python scripts/train.py ...` is `lrenv train ...` (see agents/train.py)."""
+"""`python scripts/train.py ...` is `lrenv train ...` (see lrenv/agents/train.py)."""
 import sys
 
 from lrenv.cli import main

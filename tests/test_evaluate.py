@@ -11,7 +11,7 @@ from lrenv.cli import main
 from lrenv.evaluate import (aggregate, auc_log_loss, bootstrap_ci, epochs_to_target, evaluate, read_results_csv,
                             resolve_methods, trace_metrics, write_results_csv)
 from lrenv.schedules import FixedLR, FixedScale
-from lrenv.solvers import Trace
+from lrenv.metrics import Trace
 
 SMALL = dict(m=200, n=50, rank=5)
 

@@ -10,7 +10,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from agents.train import TrainConfig, latest_checkpoint, load_hyperparams, train
+from lrenv.agents.train import TrainConfig, latest_checkpoint, load_hyperparams, train
 from lrenv import NMFEnv
 from lrenv.problems import EVAL_SEEDS
 
@@ -105,7 +105,7 @@ def test_env_threads_reach_the_environments_engines(tmp_path):
     batched products are what one thread would make slow), subprocess envs one thread each."""
     import os
 
-    from agents.train import env_threads, make_vec_env
+    from lrenv.agents.train import env_threads, make_vec_env
     cores = len(os.sched_getaffinity(0))
     assert env_threads(tiny_config(tmp_path, vec="batched")) == cores
     assert env_threads(tiny_config(tmp_path, vec="subproc")) == 1

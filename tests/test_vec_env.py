@@ -135,7 +135,7 @@ def test_bench_smoke(tmp_path, capsys):
     import argparse
     import json
 
-    from lrenv import bench
+    from lrenv.agents import bench
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
     out = tmp_path / "b.json"
@@ -152,7 +152,7 @@ def test_bench_smoke(tmp_path, capsys):
 
 def test_bench_ppo_runs_the_training_setup():
     """The PPO benchmark builds PPO as `lrenv train` does and counts episodes; the null env's are exact."""
-    from lrenv.bench import measure_ppo
+    from lrenv.agents.bench import measure_ppo
     null = measure_ppo("null", 2, 512, torch.device("cpu"))
     # after the 512-step warm-up each env is at step 256 % 200 = 56; 256 more steps end one episode each
     assert null["steps"] == 512 and null["episodes_per_1000_steps"] == pytest.approx(1000 * 2 / 512)

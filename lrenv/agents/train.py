@@ -236,7 +236,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback, EvalCallback
 
-    from agents.callbacks import EpisodeStatsCallback, HParamCallback, ScheduleFigureCallback
+    from lrenv.agents.callbacks import EpisodeStatsCallback, HParamCallback, ScheduleFigureCallback
 
     torch.set_num_threads(cfg.torch_threads)
     hp = cfg.hyperparams

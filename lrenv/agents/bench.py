@@ -82,7 +82,7 @@ def _action(env_like, B: int | None = None) -> np.ndarray:
 
 
 def measure_raw_epoch(preset: str, device: torch.device, seconds: float, max_calls: int) -> float:
-    from .env import NMFEnv
+    from lrenv.env import NMFEnv
     env = NMFEnv(preset, device=str(device))
     env.reset(seed=0)
     eng = env.engine
@@ -98,7 +98,7 @@ def measure_raw_epoch(preset: str, device: torch.device, seconds: float, max_cal
 
 def measure_single_env(preset: str, device: torch.device, seconds: float, max_calls: int) -> float:
     """Seconds per NMFEnv.step (resets excluded when an episode ends inside the window are included)."""
-    from .env import NMFEnv
+    from lrenv.env import NMFEnv
     env = NMFEnv(preset, device=str(device))
     env.reset(seed=0)
     a = _action(env)
@@ -112,7 +112,7 @@ def measure_single_env(preset: str, device: torch.device, seconds: float, max_ca
 
 def measure_dummy(preset: str, B: int, device: torch.device, seconds: float, max_calls: int) -> float:
     from stable_baselines3.common.vec_env import DummyVecEnv
-    from .env import NMFEnv
+    from lrenv.env import NMFEnv
     venv = DummyVecEnv([lambda: NMFEnv(preset, device=str(device)) for _ in range(B)])
     venv.seed(0)
     venv.reset()
@@ -121,7 +121,7 @@ def measure_dummy(preset: str, B: int, device: torch.device, seconds: float, max
 
 
 def measure_batched(preset: str, B: int, device: torch.device, seconds: float, max_calls: int) -> float:
-    from .vec_env import BatchedNMFVecEnv
+    from lrenv.vec_env import BatchedNMFVecEnv
     venv = BatchedNMFVecEnv(preset, num_envs=B, device=str(device))
     venv.seed(0)
     venv.reset()
@@ -134,7 +134,7 @@ class NullVecEnv(VecEnv):
     PPO's own ceiling, measured in the same run as the real environments."""
 
     def __init__(self, num_envs: int, episode_len: int):
-        from .task import TaskConfig
+        from lrenv.task import TaskConfig
         task = TaskConfig()
         super().__init__(num_envs, task.observation_space(), task.action_space())
         self.episode_len = episode_len
@@ -180,9 +180,9 @@ def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset
     :class:`NullVecEnv` to measure PPO alone. Also reports how many episodes ended per 1000 steps: an
     untrained policy's episodes are short, so resets weigh more early in training."""
     import tempfile
-    from agents.train import TrainConfig, env_threads, load_hyperparams, make_model, make_vec_env, wrap_normalize
+    from lrenv.agents.train import TrainConfig, env_threads, load_hyperparams, make_model, make_vec_env, wrap_normalize
     from stable_baselines3.common.vec_env import VecMonitor
-    from .problems import make_family
+    from lrenv.problems import make_family
     hp = load_hyperparams(preset, [f"n_envs:{n_envs}"])
     cfg = TrainConfig(problem=preset, vec="dummy" if kind == "null" else kind, env_device=str(device),
                       hyperparams=hp, progress=False)
@@ -210,15 +210,15 @@ def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset
 
 
 def preset_shape(preset: str) -> tuple[int, int, int]:
-    from .problems import make_family
+    from lrenv.problems import make_family
     fam = make_family(preset)
     return fam.m, fam.n, fam.rank
 
 
 def preset_memory(preset: str, device: torch.device) -> int:
-    from .engine import bytes_per_instance
-    from .env import engine_config
-    from .problems import make_family
+    from lrenv.engine import bytes_per_instance
+    from lrenv.env import engine_config
+    from lrenv.problems import make_family
     return bytes_per_instance(engine_config(make_family(preset), None, 0.0, device, "float32"))
 
 
@@ -242,7 +242,7 @@ def _fmt(x: float | None, spec: str = ".0f") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .vec_env import available_memory
+    from lrenv.vec_env import available_memory
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
