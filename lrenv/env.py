@@ -102,7 +102,7 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     ``problem`` (a family name or path, see :func:`lrenv.problems.make_family`) with ``problem_params``;
     ``instances``: ``'train'``, ``'eval'`` or explicit seeds; ``budget`` (default: the family's);
     ``num_blocks`` minibatches per epoch; ``grad_noise``; ``device``; ``dtype``; ``threads`` (torch threads
-    while the engine computes on a CPU, None: as torch is set); and every
+    while the engine computes on a CPU; default 1, which never collapses on a busy machine; None: as torch is set); and every
     :class:`lrenv.task.TaskConfig` field as a keyword (``action_mode``, ``reward``, ``obs_features``...).
     ``reset(options={"instance": seed})`` pins the instance.
     """
@@ -112,7 +112,7 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     def __init__(self, problem: str | ProblemFamily = "small", *, problem_params: dict | None = None,
                  instances: str | range | list[int] = "train", budget: int | None = None,
                  num_blocks: int | None = None, grad_noise: float = 0.0, device: str = "cpu",
-                 dtype: str = "float32", threads: int | None = None, **task_kwargs: Any):
+                 dtype: str = "float32", threads: int | None = 1, **task_kwargs: Any):
         super().__init__()
         self.family = make_family(problem, **(problem_params or {}))
         self.instances = resolve_instances(instances)

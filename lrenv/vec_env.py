@@ -91,7 +91,7 @@ class BatchedNMFVecEnv(VecEnv):
                  problem_params: dict | None = None, instances: str | range | list[int] = "train",
                  budget: int | None = None, num_blocks: int | None = None, grad_noise: float = 0.0,
                  device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-                 threads: int | None = None, **task_kwargs: Any):
+                 threads: int | None = 1, **task_kwargs: Any):
         if not (isinstance(num_envs, (int, np.integer)) and num_envs >= 1):
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         self.render_mode = None

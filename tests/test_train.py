@@ -101,21 +101,24 @@ def test_hyperparameter_overrides_and_errors():
 
 
 def test_env_threads_reach_the_environments_engines(tmp_path):
-    """PPO runs on cfg.torch_threads; the in-process envs' engines get every core by default (their
-    batched products are what one thread would make slow), subprocess envs one thread each."""
+    """The envs' engines run on one torch thread by default (more collapse on a busy machine), on every core
+    with env_threads=0, and on exactly the count asked for otherwise."""
     import os
 
     from lrenv.agents.train import env_threads, make_vec_env
     cores = len(os.sched_getaffinity(0))
-    assert env_threads(tiny_config(tmp_path, vec="batched")) == cores
+    assert env_threads(tiny_config(tmp_path, vec="batched")) == 1
     assert env_threads(tiny_config(tmp_path, vec="subproc")) == 1
+    assert env_threads(tiny_config(tmp_path, vec="batched", env_threads=0)) == cores
     assert env_threads(tiny_config(tmp_path, vec="dummy", env_threads=3)) == 3
     with pytest.raises(ValueError, match="env_threads must be >= 0"):
         env_threads(tiny_config(tmp_path, env_threads=-1))
     batched = make_vec_env(tiny_config(tmp_path, vec="batched", env_threads=2), 2)
     assert batched.venv.engine.cfg.threads == 2
-    dummy = make_vec_env(tiny_config(tmp_path, vec="dummy"), 2)
+    dummy = make_vec_env(tiny_config(tmp_path, vec="dummy", env_threads=0), 2)
     assert {e.engine.cfg.threads for e in dummy.venv.envs} == {cores}
+    from lrenv import NMFEnv
+    assert NMFEnv("small", problem_params=dict(m=40, n=10, rank=2)).engine.cfg.threads == 1
 
 
 def test_bad_config_fails_before_a_run_directory_is_made(tmp_path):

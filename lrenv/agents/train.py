@@ -56,9 +56,9 @@ class TrainConfig:
     """Torch device of the environments' SGD (the batched env can step all problems on a GPU)."""
     torch_threads: int = 1
     """Torch threads of PPO's policy in this process; one is fastest for its small networks on CPU."""
-    env_threads: int = 0
-    """Torch threads while the environments' SGD computes on a CPU (0: every core for 'batched' and 'dummy',
-    which step in this process between PPO's updates; one per process for 'subproc')."""
+    env_threads: int = 1
+    """Torch threads while the environments' SGD computes on a CPU (0: every core). One by default: on a busy
+    machine more threads wait for each other (2-30x slower, README "Threads"), while idle they gain little."""
     eval_freq: int = 10_000
     """Evaluate on held-out instances every this many timesteps (0 = never)."""
     eval_episodes: int = 5
@@ -132,11 +132,9 @@ def make_env_fn(env_kwargs: dict, instances="train"):
 def env_threads(cfg: TrainConfig) -> int:
     """The torch thread count of the environments' engines (see TrainConfig.env_threads)."""
     if cfg.env_threads < 0:
-        raise ValueError(f"env_threads must be >= 0 (0: automatic), got {cfg.env_threads}")
+        raise ValueError(f"env_threads must be >= 0 (0: every core), got {cfg.env_threads}")
     if cfg.env_threads:
         return cfg.env_threads
-    if cfg.vec == "subproc":
-        return 1
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -309,8 +307,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device of the policy")
     p.add_argument("--env-device", default="cpu", help="torch device of the environments (batched env: cuda)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the policy (PPO) in this process")
-    p.add_argument("--env-threads", type=int, default=0,
-                   help="torch threads of the environments' SGD on CPU (0: all cores in-process, 1 per subprocess)")
+    p.add_argument("--env-threads", type=int, default=1,
+                   help="torch threads of the environments' SGD on CPU (0: every core; more than one is slower on a "
+                        "busy machine)")
     p.add_argument("--eval-freq", type=int, default=10_000, help="held-out evaluation every N timesteps (0: off)")
     p.add_argument("--eval-episodes", type=int, default=5, help="held-out instances per evaluation")
     p.add_argument("--checkpoint-freq", type=int, default=20_000, help="checkpoint every N timesteps")
