@@ -9,17 +9,18 @@ import numpy as np
 import torch
 
 from .engine import STAT_GRAD_NORM, STAT_LOSS, EngineConfig, SGDEngine
-from .problems import EVAL_SEEDS, TRAIN_SEEDS, Problem, ProblemFamily, make_family
+from .problems import SPLITS, Problem, ProblemFamily, make_family, split_seeds
 from .task import EpisodeTracker, TaskConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def resolve_instances(instances: str | range | list[int]) -> range | list[int]:
+    """Instance seeds from a split name ('train', 'validation', 'test'; 'eval' = 'test') or explicit seeds."""
     if isinstance(instances, str):
-        if instances not in ("train", "eval"):
-            raise ValueError(f"instances must be 'train', 'eval' or a list of seeds, got {instances!r}")
-        return TRAIN_SEEDS if instances == "train" else EVAL_SEEDS
+        if instances not in (*SPLITS, "eval"):
+            raise ValueError(f"instances must be a split ({', '.join(SPLITS)}) or a list of seeds, got {instances!r}")
+        return split_seeds(instances)
     seeds = list(instances)
     if not seeds:
         raise ValueError("instances: the list of instance seeds is empty")
@@ -100,7 +101,7 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ## Arguments
     ``problem`` (a family name or path, see :func:`lrenv.problems.make_family`) with ``problem_params``;
-    ``instances``: ``'train'``, ``'eval'`` or explicit seeds; ``budget`` (default: the family's);
+    ``instances``: a split (``'train'``, ``'validation'``, ``'test'``) or explicit seeds; ``budget`` (default: the family's);
     ``num_blocks`` minibatches per epoch; ``grad_noise``; ``device``; ``dtype``; ``threads`` (torch threads
     while the engine computes on a CPU; default 1, which never collapses on a busy machine; None: as torch is set); and every
     :class:`lrenv.task.TaskConfig` field as a keyword (``action_mode``, ``reward``, ``obs_features``...).

@@ -1,8 +1,8 @@
 """Score learning-rate schedules, reference solvers and trained agents on held-out instances.
 
-Every method runs on the same held-out instances ``EVAL_SEEDS[:seeds]`` from the same initial point
-per seed (the environment is reset with the same seed for every method), and is scored on the same
-loss. Python API: :func:`evaluate`; building blocks reused by training code: :func:`run_schedule`,
+Every method runs on the same instances ``SPLITS[split][:seeds]`` (the ``test`` split by default; tune
+on ``validation``, see :mod:`lrenv.problems`) from the same initial point per instance (the environment is
+reset with the same seed for every method), and is scored on the same loss. Python API: :func:`evaluate`; building blocks reused by training code: :func:`run_schedule`,
 :func:`trace_metrics`, :func:`aggregate`. Command line: ``lrenv evaluate --help``.
 
 Metrics per run (one row of ``results.csv``):
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .env import NMFEnv
-from .problems import DEFAULT_PROBLEM, EVAL_SEEDS, parse_problem_params
+from .problems import DEFAULT_PROBLEM, SPLITS, parse_problem_params, reset_seed, split_seeds
 from .schedules import (Armijo, BarzilaiBorwein, CosineDecay, FixedLR, FixedScale, PolicySchedule, Polyak,
                         RandomUnderBound, RandomWalkBound, Schedule, TwoPhase, fixed_grid, load_policy)
 from .metrics import RESULT_COLUMNS, Trace, auc_log_loss, epochs_to_target, trace_metrics  # noqa: F401 (re-exported)
@@ -135,13 +135,14 @@ def resolve_methods(methods: Iterable[Method | str] | str, grid: Sequence[float]
 # ----------------------------------------------------------------------------- one run
 def schedule_env_kwargs(schedule: Schedule, env_kwargs: dict) -> dict:
     """The env kwargs for ``schedule``: the evaluation's, its action mode and its overrides."""
-    return {"instances": "eval", **env_kwargs, "action_mode": schedule.action_mode, **schedule.env_overrides}
+    return {"instances": "test", **env_kwargs, "action_mode": schedule.action_mode, **schedule.env_overrides}
 
 
 def run_schedule(schedule: Schedule, env_kwargs: dict, seed_index: int, *, seed: int = 0,
-                 env: NMFEnv | None = None) -> Trace:
-    """Run ``schedule`` for one episode on held-out instance ``EVAL_SEEDS[seed_index]`` (reset seed
-    ``seed + seed_index``, so every method starts from the same point) and return its :class:`Trace`.
+                 env: NMFEnv | None = None, split: str = "test") -> Trace:
+    """Run ``schedule`` for one episode on instance ``split_seeds(split)[seed_index]`` (reset seed
+    :func:`lrenv.problems.reset_seed` of that instance and ``seed``, so every method starts from the same
+    point) and return its :class:`Trace`.
 
     ``env_kwargs`` are :class:`lrenv.NMFEnv` keywords (problem, problem_params, budget, device, ...);
     the schedule's action mode and overrides are added. Pass ``env`` to reuse an environment built
@@ -150,9 +151,9 @@ def run_schedule(schedule: Schedule, env_kwargs: dict, seed_index: int, *, seed:
     env = env or NMFEnv(**schedule_env_kwargs(schedule, env_kwargs))
     if isinstance(schedule, PolicySchedule):
         schedule.check_spaces(env.observation_space, env.action_space)
-    instance = int(EVAL_SEEDS[seed_index])
-    obs, info = env.reset(seed=seed + seed_index, options={"instance": instance})
-    schedule.reset(env.oracle, np.random.default_rng([seed, seed_index, 1]))
+    instance = int(split_seeds(split)[seed_index])
+    obs, info = env.reset(seed=reset_seed(instance, seed), options={"instance": instance})
+    schedule.reset(env.oracle, np.random.default_rng([seed, instance, 1]))
     budget = env.task.budget
     loss, wall = [info["loss"]], [0.0]
     lr_W, lr_H, b_W, b_H = [], [], [], []
@@ -351,10 +352,10 @@ class EvalResult:
     markdown: str = ""
 
 
-def _validate(seeds: int, budget: int | None, grid: Sequence[float] | None) -> None:
-    if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)) or not 1 <= seeds <= len(EVAL_SEEDS):
-        raise ValueError(f"seeds must be an integer between 1 and {len(EVAL_SEEDS)} (number of held-out "
-                         f"instances), got {seeds!r}")
+def _validate(seeds: int, budget: int | None, grid: Sequence[float] | None, split: str) -> None:
+    n = len(split_seeds(split))
+    if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)) or not 1 <= seeds <= n:
+        raise ValueError(f"seeds must be an integer between 1 and {n} (number of {split} instances), got {seeds!r}")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1):
         raise ValueError(f"budget must be a positive integer number of epochs, got {budget!r}")
     if grid is not None:
@@ -371,8 +372,8 @@ def evaluate(methods: Iterable[Method] | str = "all", problem: str = DEFAULT_PRO
              progress: bool = True, *, seed: int = 0, grid: Sequence[float] | None = None, dtype: str = "float32",
              num_blocks: int | None = None, save: bool = True, tensorboard: bool = True,
              solver_options: dict[str, dict] | None = None, verbose: bool = True,
-             threads: int | None = 1) -> EvalResult:
-    """Run every method on held-out instances ``EVAL_SEEDS[:seeds]`` and score them.
+             threads: int | None = 1, split: str = "test") -> EvalResult:
+    """Run every method on the instances ``SPLITS[split][:seeds]`` and score them.
 
     ``methods``: schedules, solver names or registry names (``'all'``: every method applicable to the
     family; explicitly named solvers that do not apply are skipped with a note). ``save=False`` writes
@@ -382,7 +383,7 @@ def evaluate(methods: Iterable[Method] | str = "all", problem: str = DEFAULT_PRO
     these problems are too small to gain from more, and spinning threads on a busy machine cost
     10-1000x; None keeps torch's setting).
     """
-    _validate(seeds, budget, grid)
+    _validate(seeds, budget, grid, split)
     from threadpoolctl import threadpool_limits
     previous = torch.get_num_threads()
     if threads is not None:
@@ -391,7 +392,7 @@ def evaluate(methods: Iterable[Method] | str = "all", problem: str = DEFAULT_PRO
         with threadpool_limits(threads):  # numpy/scikit-learn BLAS threads of the outside solvers
                 return _evaluate(methods, problem, problem_params, seeds, budget, device, out_dir, progress, seed=seed,
                              grid=grid, dtype=dtype, num_blocks=num_blocks, save=save, tensorboard=tensorboard,
-                             solver_options=solver_options, verbose=verbose)
+                             solver_options=solver_options, verbose=verbose, split=split)
     finally:
         torch.set_num_threads(previous)
 
@@ -399,13 +400,14 @@ def evaluate(methods: Iterable[Method] | str = "all", problem: str = DEFAULT_PRO
 def _evaluate(methods: Iterable[Method] | str, problem: str, problem_params: dict | None, seeds: int,
               budget: int | None, device: str, out_dir: str | None, progress: bool, *, seed: int,
               grid: Sequence[float] | None, dtype: str, num_blocks: int | None, save: bool, tensorboard: bool,
-              solver_options: dict[str, dict] | None, verbose: bool) -> EvalResult:
+              solver_options: dict[str, dict] | None, verbose: bool, split: str = "test") -> EvalResult:
     from tqdm.auto import tqdm
 
     resolved = resolve_methods(methods, grid)
     env_kwargs: dict[str, Any] = {"problem": problem, "problem_params": dict(problem_params or {}), "budget": budget,
                                   "device": device, "dtype": dtype, "num_blocks": num_blocks}
-    probe = NMFEnv(**{"instances": "eval", **env_kwargs})  # validates problem, params and budget early
+    env_kwargs["instances"] = split
+    probe = NMFEnv(**env_kwargs)  # validates problem, params and budget early
     budget = probe.task.budget
     env_kwargs["budget"] = budget
     notes: list[str] = []
@@ -430,10 +432,11 @@ def _evaluate(methods: Iterable[Method] | str, problem: str, problem_params: dic
         for i in range(seeds):
             bar.set_postfix_str(name)
             if isinstance(m, Schedule):
-                tr = run_schedule(m, env_kwargs, i, seed=seed, env=env)
+                tr = run_schedule(m, env_kwargs, i, seed=seed, env=env, split=split)
             else:
                 try:
-                    tr = run_solver(m, env_kwargs, i, seed=seed, env=env, options=(solver_options or {}).get(m))
+                    tr = run_solver(m, env_kwargs, i, seed=seed, env=env, options=(solver_options or {}).get(m),
+                                    split=split)
                 except SolverUnavailable as e:  # pragma: no cover - filtered above
                     notes.append(f"skipped {e}")
                     break
@@ -444,16 +447,17 @@ def _evaluate(methods: Iterable[Method] | str, problem: str, problem_params: dic
 
     summary = aggregate(rows, seed=seed)
     fam = probe.family
+    instances = [int(split_seeds(split)[i]) for i in range(seeds)]
     config = {
         "problem": problem, "family": fam.name, "family_params": fam.params, "description": fam.description,
-        "problem_params": env_kwargs["problem_params"], "seeds": seeds, "instances": [int(EVAL_SEEDS[i]) for i in range(seeds)],
-        "reset_seeds": [seed + i for i in range(seeds)], "seed": seed, "budget": budget, "device": device, "dtype": dtype,
+        "problem_params": env_kwargs["problem_params"], "seeds": seeds, "split": split,
+        "instances": instances, "reset_seeds": [reset_seed(i, seed) for i in instances], "seed": seed, "budget": budget, "device": device, "dtype": dtype,
         "num_blocks": probe.engine.cfg.num_blocks, "grid": list(grid) if grid is not None else None,
         "methods": [m.describe() if isinstance(m, Schedule) else {"name": m, "class": "solver"} for m in runnable],
         "notes": notes, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "bootstrap_samples": BOOTSTRAP_SAMPLES,
     }
-    title = f"{fam.description}: {seeds} held-out seeds, budget {budget}"
+    title = f"{fam.description}: {seeds} {split} instances, budget {budget}"
     markdown = summary_markdown(summary, heldout=fam.has_heldout, title=title)
     if notes:
         markdown += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
@@ -532,7 +536,7 @@ def parse_grid(text: str | None) -> list[float] | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     methods = "; ".join(f"{k}: {v[0]}" for k, v in REGISTRY.items()).replace("%", "%%")  # argparse formats help
     p.description = ("Score learning-rate schedules, reference solvers and trained agents on held-out instances "
-                     "(EVAL_SEEDS[:seeds]); every method starts from the same initial point per seed. Writes "
+                     "(the test split by default); every method starts from the same initial point per instance. Writes "
                      "results.csv, summary.json/.md, config.json, figures and TensorBoard logs to the output directory "
                      "and prints the summary table.")
     p.add_argument("--problem", default=DEFAULT_PROBLEM, help="problem family (small, medium, paper, sales, tutorial, "
@@ -544,7 +548,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", metavar="PATH", default=[],
                    help="a trained agent: run directory (model.zip, config.json, vecnormalize.pkl) or model .zip; "
                         "adds one row per model (repeatable)")
-    p.add_argument("--seeds", type=int, default=10, help="number of held-out instances")
+    p.add_argument("--seeds", type=int, default=10, help="number of instances of the split")
+    p.add_argument("--split", default="test", choices=[*SPLITS],
+                   help="instances to score on: test (report), validation (tune, select), train")
     p.add_argument("--seed", type=int, default=0, help="base reset seed (initial factors, minibatch order, bootstrap)")
     p.add_argument("--budget", type=int, default=None, help="epoch budget (None: the family's)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
@@ -564,6 +570,6 @@ def run(args: argparse.Namespace) -> int:
     if not methods:
         raise ValueError("nothing to evaluate: give --methods and/or --model")
     evaluate(methods, problem=args.problem, problem_params=parse_problem_params(args.problem_param), seeds=args.seeds,
-             budget=args.budget, device=args.device, out_dir=args.out, progress=not args.no_progress, seed=args.seed,
+             split=args.split, budget=args.budget, device=args.device, out_dir=args.out, progress=not args.no_progress, seed=args.seed,
              grid=parse_grid(args.grid), tensorboard=not args.no_tensorboard, threads=args.threads or None)
     return 0

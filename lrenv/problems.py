@@ -1,10 +1,14 @@
 """Problem families: seeded generators of factorisation instances (SPEC §3).
 
 A *family* (``ProblemFamily``) fixes the shape and the kind of problem; ``family.instance(seed)``
-draws one instance (``Problem``) reproducibly from the seed. Training and evaluation use disjoint
-seed ranges (:data:`TRAIN_SEEDS`, :data:`EVAL_SEEDS`), so an agent is always scored on instances it
-never trained on. Families built on fixed data (``tutorial``, ``digits``, a user's ``matrix``) vary
-only the initialisation with the seed.
+draws one instance (``Problem``) reproducibly from the seed.
+
+Splits (:data:`SPLITS`): three disjoint seed ranges. ``train`` is what training samples; ``validation``
+is for every choice made by looking at results (training-time evaluation and model selection, baseline
+tuning with ``lrenv tune``); ``test`` is what ``lrenv evaluate`` reports by default and nothing is ever
+tuned on. Families built on fixed data (``tutorial``, ``digits``, a user's ``matrix``) have one matrix:
+there the splits separate initialisations and minibatch orders, which evaluation derives from the
+instance seed (:func:`reset_seed`).
 
 Names accepted by :func:`make_family`:
 
@@ -37,8 +41,27 @@ import numpy as np
 
 TRAIN_SEEDS = range(0, 1_000_000)
 """Instance seeds used for training."""
-EVAL_SEEDS = range(1_000_000, 2_000_000)
-"""Held-out instance seeds used for evaluation; disjoint from :data:`TRAIN_SEEDS`."""
+TEST_SEEDS = range(1_000_000, 2_000_000)
+"""Instance seeds results are reported on; disjoint from the others."""
+VALIDATION_SEEDS = range(2_000_000, 3_000_000)
+"""Instance seeds for model selection and baseline tuning; disjoint from the others."""
+EVAL_SEEDS = TEST_SEEDS
+"""The test split (the name used before validation existed)."""
+SPLITS: dict[str, range] = {"train": TRAIN_SEEDS, "validation": VALIDATION_SEEDS, "test": TEST_SEEDS}
+
+
+def split_seeds(split: str) -> range:
+    """The instance seeds of ``split`` ('train', 'validation' or 'test'; 'eval' is 'test')."""
+    name = "test" if split == "eval" else split
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return SPLITS[name]
+
+
+def reset_seed(instance: int, seed: int = 0) -> int:
+    """The environment reset seed that evaluation uses for ``instance``: initial factors and minibatch
+    order follow from it. Derived from the instance, so on fixed-data families the splits still differ."""
+    return int(np.random.SeedSequence([int(seed), int(instance)]).generate_state(1)[0])
 
 
 @dataclass
@@ -46,7 +69,8 @@ class Problem:
     """One factorisation instance, in float64 numpy; the engine converts it to the device dtype."""
 
     V: np.ndarray
-    """Data matrix (m, n); missing entries hold 0 and are excluded by ``mask``."""
+    """Data matrix (m, n). Only entries in ``mask`` are trained on; held-out entries keep their true values
+    (the held-out error compares with them) and truly missing entries hold 0."""
     rank: int
     """Inner dimension of the model (bias components included)."""
     init: Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]]
@@ -208,9 +232,8 @@ def sales_family(*, products: int = 1000, stores: int = 100, true_rank: int = 12
         Wt, Ht = Ap[:, :rank], As[:, :rank].T
         truth = loss_of(V, Wt, Ht, mask)
         truth_mse = float(np.mean((Wt @ Ht - V)[heldout] ** 2))
-        return Problem(V=V * mask, rank=rank, init=_nmf_init(V, rank, mask), target_loss=target_factor * truth,
-                       mask=mask, heldout=heldout,
-                       info={"truth_loss": truth, "truth_heldout_mse": truth_mse, "V_full": V})
+        return Problem(V=V, rank=rank, init=_nmf_init(V, rank, mask), target_loss=target_factor * truth,
+                       mask=mask, heldout=heldout, info={"truth_loss": truth, "truth_heldout_mse": truth_mse})
 
     return ProblemFamily(name="sales", m=products, n=stores, rank=rank, budget=budget, num_blocks=num_blocks,
                          make=make, masked=True, has_heldout=True,
@@ -407,13 +430,10 @@ def matrix_family(path: str | os.PathLike | None = None, *, array: np.ndarray | 
         target = target_factor * _reference_loss(source, V.tobytes(), V.shape, rank)
     else:
         target = target_rel * 0.5 * float(np.sum((V * mask) ** 2))
-    V_train = V if mask is None else V * mask
-    init = _nmf_init(V_train, rank, mask)
-    full = V
+    init = _nmf_init(V, rank, mask)
 
-    def make(seed: int) -> Problem:
-        return Problem(V=V_train, rank=rank, init=init, target_loss=target, mask=mask, heldout=heldout,
-                       info={"V_full": full} if heldout is not None else {})
+    def make(seed: int) -> Problem:  # V holds the held-out entries' true values; the mask keeps them out of training
+        return Problem(V=V, rank=rank, init=init, target_loss=target, mask=mask, heldout=heldout)
 
     blocks = min(num_blocks, m)
     return ProblemFamily(name=name, m=m, n=n, rank=rank, budget=budget, num_blocks=blocks, make=make,

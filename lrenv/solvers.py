@@ -24,6 +24,7 @@ import torch
 
 from .env import NMFEnv
 from .metrics import Trace
+from .problems import reset_seed, split_seeds
 
 SOLVERS = ("adam", "sklearn-cd", "sklearn-mu", "lm")
 LM_MAX_JACOBIAN = 4_000_000
@@ -255,24 +256,23 @@ def _lm(prob: _Problem, rec: _Recorder, lam0: float = 1e-3, up: float = 3.0, dow
 
 # ----------------------------------------------------------------------------- entry point
 def run_solver(name: str, env_kwargs: dict, seed_index: int, *, seed: int = 0, options: dict | None = None,
-               env: NMFEnv | None = None) -> Trace:
-    """Run solver ``name`` on held-out instance ``EVAL_SEEDS[seed_index]`` from the same initial point as
+               env: NMFEnv | None = None, split: str = "test") -> Trace:
+    """Run solver ``name`` on instance ``split_seeds(split)[seed_index]`` from the same initial point as
     :func:`lrenv.evaluate.run_schedule` with the same ``seed``. Raises :class:`SolverUnavailable`
     when the solver does not apply to the family."""
-    from .problems import EVAL_SEEDS
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose from {SOLVERS}")
-    env = env or NMFEnv(**{"instances": "eval", **env_kwargs})
+    env = env or NMFEnv(**{"instances": split, **env_kwargs})
     reason = applicability(name, env)
     if reason:
         raise SolverUnavailable(reason)
-    instance = int(EVAL_SEEDS[seed_index])
-    _, info = env.reset(seed=seed + seed_index, options={"instance": instance})
+    instance = int(split_seeds(split)[seed_index])
+    _, info = env.reset(seed=reset_seed(instance, seed), options={"instance": instance})
     prob = _Problem(env, info)
     rec = _Recorder(prob, env.task.budget, env.task.divergence_factor)
     opts = dict(options or {})
     if name == "adam":
-        W, H, notes = _adam(prob, rec, np.random.default_rng([seed, seed_index, 7]), **opts)
+        W, H, notes = _adam(prob, rec, np.random.default_rng([seed, instance, 7]), **opts)
     elif name == "lm":
         W, H, notes = _lm(prob, rec, **opts)
     else:

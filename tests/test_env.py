@@ -230,7 +230,7 @@ def test_optional_observation_features():
     (dict(budget=0), "budget"),
     (dict(action_center=0.0), "action_center"),
     (dict(dtype="float16"), "dtype"),
-    (dict(instances="test"), "instances"),
+    (dict(instances="testing"), "instances"),
     (dict(num_blocks=0), "num_blocks"),
     (dict(rewards=1), "unknown task options"),
 ])

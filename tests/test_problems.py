@@ -1,6 +1,7 @@
 """Problem families: shapes, seeds, reference values, file formats and clear errors on bad input."""
 
 import numpy as np
+import torch
 import pytest
 import scipy.io
 import scipy.sparse
@@ -43,8 +44,58 @@ def test_sales_holds_out_half_and_truth_reference():
     assert not (p.mask & p.heldout).any() and (p.mask | p.heldout).all()
     assert 0.45 < p.mask.mean() < 0.55
     assert p.rank == 8
-    assert (p.V[~p.mask] == 0).all()  # held-out values never reach the training data
+    assert (p.V[p.heldout] > 0).all()  # held-out entries keep their true values (the held-out error needs them)
     assert 1e-6 < p.info["truth_heldout_mse"] < 1e-3  # the forum's reference is ~7e-5
+
+
+def _heldout_env(problem, **params):
+    from lrenv import NMFEnv
+    env = NMFEnv(problem, problem_params=params, instances="test", dtype="float64", target_loss=1e-30)
+    return env, env.reset(seed=3)[1]
+
+
+def _numpy_heldout_mse(env) -> float:
+    p = env.problem
+    W, H = env.engine.factors(0)
+    return float(np.mean((W @ H - p.V)[p.heldout] ** 2))
+
+
+@pytest.mark.parametrize("masked", ["sales", "matrix"])
+def test_heldout_mse_is_against_the_true_values(tmp_path, masked):
+    """The env's held-out MSE equals a numpy reference against the true held-out values, at the start and
+    after training epochs, for the sales family and for a user's matrix with NaN = missing and a holdout;
+    and the held-out values never reach training: changing them leaves the training trajectory unchanged."""
+    if masked == "sales":
+        kw = dict(products=80, stores=30)
+        make = lambda: _heldout_env("sales", **kw)  # noqa: E731
+        truth = make_family("sales", **kw)
+    else:
+        rng = np.random.default_rng(0)
+        V = rng.uniform(size=(60, 20)) @ rng.uniform(size=(20, 20))
+        V[rng.uniform(size=V.shape) < 0.1] = np.nan  # truly missing: neither trained on nor scored
+        np.save(tmp_path / "m.npy", V)
+        make = lambda: _heldout_env(str(tmp_path / "m.npy"), rank=3, holdout=0.2)  # noqa: E731
+        truth = None
+    env, info = make()
+    p = env.problem
+    assert p.heldout.any() and not (p.heldout & p.mask).any()
+    assert info["heldout_mse"] == pytest.approx(_numpy_heldout_mse(env), rel=1e-9)
+    if truth is not None:  # sales: the "missing half" is really the true sales, not zeros
+        truth = truth.instance(env.instance_seed)
+        W, H = env.engine.factors(0)
+        assert info["heldout_mse"] == pytest.approx(float(np.mean((W @ H - truth.V)[truth.heldout] ** 2)), rel=1e-9)
+    a = env.task.action_for_scale(0.1)
+    for _ in range(3):
+        info = env.step(a)[4]
+    assert info["heldout_mse"] == pytest.approx(_numpy_heldout_mse(env), rel=1e-9)
+    losses = [info["loss"]]
+    env2, _ = make()
+    env2.problem.V[env2.problem.heldout] *= 7.0  # same training data, other held-out values
+    env2.engine.V.mul_(torch.where(env2.engine.heldout.bool(), 7.0, 1.0))
+    for _ in range(3):
+        info2 = env2.step(a)[4]
+    assert info2["loss"] == losses[0]
+    assert info2["heldout_mse"] != pytest.approx(info["heldout_mse"])
 
 
 def test_tutorial_biased_model_and_unknown_entries():

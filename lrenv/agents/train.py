@@ -6,7 +6,7 @@ Read top to bottom: config -> environments -> model -> callbacks -> learn -> sav
     config.json          the full resolved config (hyperparameters, env kwargs, versions)
     model.zip            the final policy (atomic write)
     vecnormalize.pkl     observation/reward normalisation statistics (when used)
-    best_model.zip       best policy on the held-out evaluation episodes
+    best_model.zip       best policy on the validation instances (lrenv evaluate reports on test ones)
     checkpoints/         periodic checkpoints (model + VecNormalize), used by --resume
     tb_1/                TensorBoard event files (view with `tensorboard --logdir runs`)
 """
@@ -60,9 +60,9 @@ class TrainConfig:
     """Torch threads while the environments' SGD computes on a CPU (0: every core). One by default: on a busy
     machine more threads wait for each other (2-30x slower, README "Threads"), while idle they gain little."""
     eval_freq: int = 10_000
-    """Evaluate on held-out instances every this many timesteps (0 = never)."""
+    """Evaluate on validation instances every this many timesteps (0 = never); selects best_model.zip."""
     eval_episodes: int = 5
-    """Held-out instances per evaluation."""
+    """Validation instances per evaluation."""
     checkpoint_freq: int = 20_000
     """Save a checkpoint every this many timesteps."""
     runs_dir: str = "runs"
@@ -257,8 +257,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
         model = PPO.load(ckpt, env=venv, device=cfg.device)
         print(f"resuming {run_dir} from {ckpt.name} at {done} timesteps")
 
-    from lrenv.problems import EVAL_SEEDS
-    eval_seeds = [EVAL_SEEDS[i] for i in range(cfg.eval_episodes)]
+    from lrenv.problems import VALIDATION_SEEDS  # model selection never sees the test split
+    eval_seeds = [VALIDATION_SEEDS[i] for i in range(cfg.eval_episodes)]
     eval_env = wrap_normalize(make_vec_env(cfg, 1, eval_seeds, seed=cfg.seed + 10_000), hp, training=False)
     every = lambda steps: max(steps // n_envs, 1)  # noqa: E731  (callbacks count vector steps)
     callbacks = [
@@ -274,6 +274,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
             ScheduleFigureCallback(cfg, eval_seeds[: min(3, len(eval_seeds))], every(cfg.eval_freq)),
         ]
     callbacks += list(extra_callbacks)
+    write_config(cfg, run_dir, {"validation_instances": eval_seeds})
     remaining = hp["n_timesteps"] - done
     start = time.time()
     try:
@@ -288,8 +289,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
         venv.close()
         eval_env.close()
     save_model(model, run_dir)
-    write_config(cfg, run_dir, {"result": {"timesteps": int(model.num_timesteps),
-                                           "wall_time_s": round(time.time() - start, 1)}})
+    write_config(cfg, run_dir, {"validation_instances": eval_seeds,
+                                "result": {"timesteps": int(model.num_timesteps), "wall_time_s": round(time.time() - start, 1)}})
     return run_dir
 
 
