@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 # Layout of the per-instance statistics row returned by :meth:`SGDEngine.evaluate`.
-STAT_LOSS, STAT_GRAD_NORM, STAT_L_W, STAT_L_H, STAT_HELDOUT = range(5)
-NUM_STATS = 5
+STAT_LOSS, STAT_GRAD_NORM, STAT_L_W, STAT_L_H, STAT_HELDOUT, STAT_FIT = range(6)
+NUM_STATS = 6
+"""``STAT_FIT`` is the data term 1/2 ||M o (W H - V)||^2 alone (the loss less its regularisation)."""
 
 
 @dataclass
@@ -315,6 +316,7 @@ class SGDEngine:
         D = self._residual(W, H, V)
         R = self._weighted(D, weight)
         loss = self._loss(W, H, R)
+        fit = 0.5 * _sqnorm(R) if cfg.reg else loss
         gW = _times_transpose(R, H).reshape(W.shape)
         gH = torch.bmm(Wf.transpose(1, 2), R)
         if cfg.reg:
@@ -339,7 +341,7 @@ class SGDEngine:
             held = torch.full_like(loss, float("nan"))
         else:
             held = _sqnorm(D * self._flat(heldout)) / heldout_count
-        return torch.stack([loss, gnorm, L_W, L_H, held], dim=1)
+        return torch.stack([loss, gnorm, L_W, L_H, held, fit], dim=1)
 
     @_with_threads
     def loss(self) -> torch.Tensor:

@@ -95,7 +95,8 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     problem. Truncated after ``budget`` epochs.
 
     ## Info
-    ``epoch, loss, best_loss, target_loss, grad_norm, lr_W, lr_H`` (step sizes applied),
+    ``epoch, loss, fit`` (the loss less its regularisation), ``best_loss, target_loss`` (compared with the
+    loss, or with ``fit`` where the family's ``target_metric`` says so), ``grad_norm, lr_W, lr_H`` (step sizes applied),
     ``bound_W, bound_H`` (2/L per factor at the start of the epoch), ``diverged, reached_target,
     invalid_action``, and ``heldout_mse`` for families with held-out entries.
 
@@ -120,7 +121,7 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
         self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget, **task_kwargs)
         self.engine = SGDEngine(engine_config(self.family, num_blocks, grad_noise, device, dtype, threads),
                                  batch=1)
-        self.tracker = EpisodeTracker(self.task, 1, self.family.has_heldout)
+        self.tracker = EpisodeTracker(self.task, 1, self.family.has_heldout, self.family.target_metric)
         self.observation_space = self.task.observation_space()
         self.action_space = self.task.action_space()
         self.problem: Problem | None = None

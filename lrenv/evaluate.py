@@ -155,7 +155,7 @@ def run_schedule(schedule: Schedule, env_kwargs: dict, seed_index: int, *, seed:
     obs, info = env.reset(seed=reset_seed(instance, seed), options={"instance": instance})
     schedule.reset(env.oracle, np.random.default_rng([seed, instance, 1]))
     budget = env.task.budget
-    loss, wall = [info["loss"]], [0.0]
+    loss, fit, wall = [info["loss"]], [info["fit"]], [0.0]
     lr_W, lr_H, b_W, b_H = [], [], [], []
     state, start = None, np.ones(1, dtype=bool)
     t0 = time.perf_counter()
@@ -165,6 +165,7 @@ def run_schedule(schedule: Schedule, env_kwargs: dict, seed_index: int, *, seed:
         obs, _, terminated, truncated, info = env.step(action)
         wall.append(time.perf_counter() - t0)
         loss.append(info["loss"])
+        fit.append(info["fit"])
         lr_W.append(info["lr_W"])
         lr_H.append(info["lr_H"])
         b_W.append(info["bound_W"])
@@ -175,7 +176,8 @@ def run_schedule(schedule: Schedule, env_kwargs: dict, seed_index: int, *, seed:
                  loss=np.array(loss), wall=np.array(wall), lr_W=np.array(lr_W), lr_H=np.array(lr_H),
                  bound_W=np.array(b_W), bound_H=np.array(b_H), budget=budget, diverged=bool(info["diverged"]),
                  reached_target=bool(info["reached_target"]), heldout_mse=float(info.get("heldout_mse", math.nan)),
-                 extra_loss_evals=int(schedule.extra_loss_evals), divergence_factor=env.task.divergence_factor)
+                 extra_loss_evals=int(schedule.extra_loss_evals), divergence_factor=env.task.divergence_factor,
+                 fit=np.array(fit), target_metric=env.family.target_metric)
 
 
 # ----------------------------------------------------------------------------- aggregates

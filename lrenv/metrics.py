@@ -35,6 +35,15 @@ class Trace:
     extra_loss_evals: int = 0
     divergence_factor: float = 100.0
     notes: dict[str, Any] = field(default_factory=dict)
+    fit: np.ndarray | None = None
+    """The loss less its regularisation, per epoch like ``loss``; the target is compared with it when the
+    family's ``target_metric`` is 'fit' (otherwise None or unused)."""
+    target_metric: str = "loss"
+
+    @property
+    def target_curve(self) -> np.ndarray:
+        """The per-epoch values compared with the target."""
+        return self.fit if self.target_metric == "fit" and self.fit is not None else self.loss
 
     def metrics(self) -> dict[str, Any]:
         """The run's metrics row (see :func:`trace_metrics`)."""
@@ -79,7 +88,7 @@ def _nanmean(x: np.ndarray) -> float:
 
 def trace_metrics(tr: Trace) -> dict[str, Any]:
     """One results row from a :class:`Trace`."""
-    ett = epochs_to_target(tr.loss, tr.target_loss)
+    ett = epochs_to_target(tr.target_curve, tr.target_loss)
     finite = tr.loss[np.isfinite(tr.loss)]
     with np.errstate(all="ignore"):
         sW, sH = tr.lr_W / tr.bound_W, tr.lr_H / tr.bound_H

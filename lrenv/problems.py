@@ -113,6 +113,8 @@ class ProblemFamily:
     nonneg: bool = True
     reg: float = 0.0
     """L2 regularisation weight of every instance (the engine's setting, known without drawing one)."""
+    target_metric: str = "loss"
+    """What the target is compared with: 'loss', or 'fit' (the loss less its regularisation)."""
     description: str = ""
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -249,7 +251,7 @@ TUTORIAL_UNKNOWN = ((0, 4), (2, 1))
 """The two entries treated as unknown (rated by nobody)."""
 
 
-def tutorial_family(*, rank: int = 2, reg: float = 0.02, target_rel: float = 0.05, budget: int = 200,
+def tutorial_family(*, rank: int = 2, reg: float = 0.02, target_sse: float = 1e-2, budget: int = 500,
                     num_blocks: int = 2) -> ProblemFamily:
     """Biased matrix factorisation: ``V_ij ~ mu + b_i + c_j + W_i . H_j`` on the observed entries.
 
@@ -257,8 +259,16 @@ def tutorial_family(*, rank: int = 2, reg: float = 0.02, target_rel: float = 0.0
     column biases are extra factor components against pinned ones: ``W = [P, b, 1]``,
     ``H = [Q; 1; c]``. The loss counts observed entries only and adds ``reg/2`` times the squared norm
     of every learned parameter (the gradient *adds* ``reg * x``: the original bug had the sign flipped).
-    No sign constraint. The target is ``target_rel`` times the loss of the global-bias-only model.
+    No sign constraint.
+
+    Target: what the source's user asked for, a squared error below ``target_sse = 1e-2`` summed over the
+    observed entries, *without* the regularisation term (``target_metric='fit'``: the regularised loss cannot
+    go below ~0.124 here, so a target on it tests nothing about the fit). Armijo and a fixed lr of 0.1
+    reach it in about 200 epochs (SPEC §6), hence the 500-epoch budget; the fitted model then predicts the
+    two unknown entries within a few percent of the values the source expected.
     """
+    if not target_sse > 0:
+        raise ValueError(f"tutorial: target_sse must be > 0, got {target_sse}")
     m, n = TUTORIAL_MATRIX.shape
     if rank < 1 or rank >= min(m, n):
         raise ValueError(f"tutorial: rank must be between 1 and {min(m, n) - 1}, got {rank}")
@@ -282,28 +292,36 @@ def tutorial_family(*, rank: int = 2, reg: float = 0.02, target_rel: float = 0.0
         H0[rank] = 1.0
         return W0, H0
 
-    base = 0.5 * float(np.sum(V * V))  # loss of the bias-only model mu
-
-    def make(seed: int) -> Problem:
-        return Problem(V=V, rank=R, init=init, target_loss=target_rel * base, mask=mask, nonneg=False, reg=reg,
+    def make(seed: int) -> Problem:  # fit = 1/2 * squared error, hence the 1/2
+        return Problem(V=V, rank=R, init=init, target_loss=0.5 * target_sse, mask=mask, nonneg=False, reg=reg,
                        free_W=free_W, free_H=free_H, info={"global_bias": mu})
 
     return ProblemFamily(name="tutorial", m=m, n=n, rank=R, budget=budget, num_blocks=num_blocks, make=make,
-                         masked=True, nonneg=False, reg=reg, description="biased MF of a 4x5 ratings matrix",
-                         params=dict(rank=rank, reg=reg, target_rel=target_rel, budget=budget,
-                                     num_blocks=num_blocks))
+                         masked=True, nonneg=False, reg=reg, target_metric="fit",
+                         description="biased MF of a 4x5 ratings matrix",
+                         params=dict(rank=rank, reg=reg, target_sse=target_sse, budget=budget, num_blocks=num_blocks))
 
 
 # ----------------------------------------------------------------------------- illcond
-def illcond_family(*, m: int = 10, n: int = 6, hidden: int = 6, kappa: float = 1e5, target_rel: float = 1e-6,
+def illcond_family(*, m: int = 10, n: int = 6, hidden: int = 6, kappa: float = 1e5, target_rel: float = 0.1,
                    budget: int = 500, num_blocks: int = 2) -> ProblemFamily:
     """Factorisation in thin disguise: a two-layer linear net ``W1 W2 ~ A`` with no sign constraint.
 
-    ``A`` (m x n) has U(0, 1) entries, each row multiplied elementwise by ``linspace(1, 1/kappa, n)``,
-    so its condition number is about ``kappa``; ``W1`` (m x hidden) and ``W2`` (hidden x n) start N(0, 1).
-    The problem is realisable (F* = 0) but badly conditioned: plain GD and Adam stall, while
-    Levenberg-Marquardt reaches ~5e-8 (the family's reference floor). Target: ``target_rel * ||A||^2/2``.
+    ``A`` (m x n) has U(0, 1) entries, each row multiplied elementwise by ``linspace(1, 1/kappa, n)``;
+    ``W1`` (m x hidden) and ``W2`` (hidden x n) start N(0, 1). With the defaults ``cond(A)`` is 2e5-7e5
+    (``kappa`` scales the columns; the U(0, 1) entries add their own factor: ``info['cond']``).
+
+    Target, so that reaching it requires fitting the *smallest* singular direction the model can hold (what
+    the family is for): ``F*_h + target_rel * sigma_h^2 / 2`` with ``h = min(hidden, m, n)``,
+    ``sigma_h`` the h-th singular value of ``A`` and ``F*_h = 1/2 sum_{i>h} sigma_i^2`` the best rank-h loss
+    (Eckart-Young; 0 by default: the problem is realisable). A schedule that fits the h-1 large directions and
+    leaves the smallest one alone stops at ~``sigma_h^2 / 2``, 10x above the target: measured, cosine and
+    two-phase end there after 2000 epochs, Adam and Armijo far above, while Levenberg-Marquardt (the
+    family's reference floor) reaches ~1e-30 in 15-80 iterations. The old target, ``1e-6 ||A||^2 / 2``,
+    sat ~1e5 above ``sigma_h^2 / 2`` and only tested the well-conditioned directions.
     """
+    if not target_rel > 0:
+        raise ValueError(f"illcond: target_rel must be > 0, got {target_rel}")
     if hidden < 1:
         raise ValueError(f"illcond: hidden must be >= 1, got {hidden}")
     if kappa < 1:
@@ -315,8 +333,12 @@ def illcond_family(*, m: int = 10, n: int = 6, hidden: int = 6, kappa: float = 1
     def make(seed: int) -> Problem:
         rng = np.random.default_rng([seed, 0x111C])
         A = rng.uniform(size=(m, n)) * np.linspace(1.0, 1.0 / kappa, n)  # every row times linspace
-        return Problem(V=A, rank=hidden, init=init, target_loss=target_rel * 0.5 * float(np.sum(A * A)),
-                       nonneg=False, info={"cond": float(np.linalg.cond(A))})
+        sv = np.linalg.svd(A, compute_uv=False)
+        h = min(hidden, len(sv))
+        best = 0.5 * float(np.sum(sv[h:] ** 2))
+        return Problem(V=A, rank=hidden, init=init, target_loss=best + target_rel * 0.5 * float(sv[h - 1] ** 2),
+                       nonneg=False, info={"cond": float(sv[0] / sv[-1]), "singular_values": sv.tolist(),
+                                           "best_loss": best})
 
     return ProblemFamily(name="illcond", m=m, n=n, rank=hidden, budget=budget, num_blocks=num_blocks, make=make,
                          nonneg=False, description=f"two-layer linear net, A {m}x{n}, kappa ~{kappa:.0e}",
@@ -405,13 +427,17 @@ def _reference_loss(key: str, V_bytes: bytes, shape: tuple[int, int], rank: int)
 
 def matrix_family(path: str | os.PathLike | None = None, *, array: np.ndarray | None = None, rank: int = 10,
                   name: str = "matrix", nan_is_missing: bool = True, holdout: float = 0.0,
-                  target_factor: float = 1.05, target_rel: float = 0.1, budget: int = 200,
+                  target_factor: float = 1.2, target_rel: float = 0.1, budget: int = 200,
                   num_blocks: int = 10) -> ProblemFamily:
     """NMF of a fixed non-negative matrix (a file, or ``array=``); the seed varies the initialisation.
 
     ``holdout`` moves that fraction of the observed entries (chosen once, seed 0) into a held-out set.
     Target: ``target_factor`` times the loss of scikit-learn's NMF (cd) at the same rank when fully
-    observed; with missing entries ``target_rel`` times the loss of the zero model.
+    observed; with missing entries ``target_rel`` times the loss of the zero model. Why 1.2 and not closer:
+    on ``digits`` every solver ends on a plateau 0-7 % above the reference (different local minima per
+    initialisation), so a target within a few percent decides success by which plateau a run lands on; at
+    1.2x runs cross it while the loss still falls steeply (fixed c = 1.1 after ~40 epochs, c = 0.6 after
+    ~70, scikit-learn's cd after ~10), so epochs to target measure speed.
     """
     if (path is None) == (array is None):
         raise ValueError("matrix: give exactly one of path= (a .npy/.npz/.csv/.mtx file) or array=")

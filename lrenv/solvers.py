@@ -64,7 +64,6 @@ class _Problem:
         self.V = p.V
         self.M = None if p.mask is None else p.mask.astype(np.float64)
         self.heldout = p.heldout
-        self.V_full = p.info.get("V_full", p.V)
         self.nonneg = p.nonneg
         self.reg = env.engine.cfg.reg
         r = p.rank
@@ -73,14 +72,20 @@ class _Problem:
         self.W0, self.H0 = env.engine.factors(0)
         self.target = float(info["target_loss"])
         self.f0 = float(info["loss"])
+        self.fit0 = float(info["fit"])
+        self.target_metric = env.family.target_metric
         self.row_index = env.engine.row_index[0].copy()
         self.num_blocks = env.engine.cfg.num_blocks
 
-    def loss(self, W: np.ndarray, H: np.ndarray) -> float:
+    def fit(self, W: np.ndarray, H: np.ndarray) -> float:
+        """The data term 1/2 ||M o (W H - V)||^2 (the loss less its regularisation)."""
         D = W @ H - self.V
         if self.M is not None:
             D = D * self.M
-        f = 0.5 * float(np.sum(D * D))
+        return 0.5 * float(np.sum(D * D))
+
+    def loss(self, W: np.ndarray, H: np.ndarray) -> float:
+        f = self.fit(W, H)
         if self.reg:
             f += 0.5 * self.reg * (float(np.sum((W * self.free_W) ** 2)) + float(np.sum((H * self.free_H[:, None]) ** 2)))
         return f
@@ -88,7 +93,7 @@ class _Problem:
     def heldout_mse(self, W: np.ndarray, H: np.ndarray) -> float:
         if self.heldout is None:
             return float("nan")
-        return float(np.mean((W @ H - self.V_full)[self.heldout] ** 2))
+        return float(np.mean((W @ H - self.V)[self.heldout] ** 2))  # V holds the held-out entries' true values
 
 
 class _Recorder:
@@ -97,6 +102,7 @@ class _Recorder:
     def __init__(self, prob: _Problem, budget: int, divergence_factor: float):
         self.prob, self.budget, self.div = prob, budget, divergence_factor
         self.loss = [prob.f0]
+        self.fit = [prob.fit0]
         self.wall = [0.0]
         self.lr: list[float] = []
         self.t0 = time.perf_counter()
@@ -106,13 +112,16 @@ class _Recorder:
         """Start the clock (after one-off costs such as imports and optimizer construction)."""
         self.t0 = time.perf_counter()
 
-    def record(self, f: float, lr: float = float("nan")) -> bool:
-        """Add an epoch; True when the run should stop."""
+    def record(self, f: float, lr: float = float("nan"), fit: float | None = None) -> bool:
+        """Add an epoch (loss ``f``; ``fit``, the loss less its regularisation, when it differs); True when
+        the run should stop."""
         self.loss.append(f)
+        self.fit.append(f if fit is None else fit)
         self.wall.append(time.perf_counter() - self.t0)
         self.lr.append(lr)
         self.diverged = not np.isfinite(f) or f > self.div * self.prob.f0
-        self.reached = not self.diverged and min(self.loss) <= self.prob.target
+        curve = self.fit if self.prob.target_metric == "fit" else self.loss
+        self.reached = not self.diverged and curve[-1] <= self.prob.target
         return self.diverged or self.reached or len(self.lr) >= self.budget
 
     def trace(self, name: str, seed_index: int, instance: int, W: np.ndarray, H: np.ndarray,
@@ -122,7 +131,8 @@ class _Recorder:
                      loss=np.array(self.loss), wall=np.array(self.wall), lr_W=np.array(self.lr), lr_H=np.array(self.lr),
                      bound_W=nan, bound_H=nan.copy(), budget=self.budget, diverged=self.diverged,
                      reached_target=self.reached, heldout_mse=self.prob.heldout_mse(W, H) if not self.diverged else float("nan"),
-                     extra_loss_evals=extra, divergence_factor=self.div, notes=notes or {})
+                     extra_loss_evals=extra, divergence_factor=self.div, notes=notes or {}, fit=np.array(self.fit),
+                     target_metric=self.prob.target_metric)
 
 
 # ----------------------------------------------------------------------------- Adam
@@ -167,7 +177,7 @@ def _adam(prob: _Problem, rec: _Recorder, rng: np.random.Generator, lr_rel: floa
                     H.clamp_(min=0)
         Wn, Hn = W.detach().numpy(), H.detach().numpy()
         loss = prob.loss(Wn, Hn)
-        if rec.record(loss, lr_now):
+        if rec.record(loss, lr_now, prob.fit(Wn, Hn) if prob.reg else None):
             return Wn.copy(), Hn.copy(), {"lr0": lr}
         plateau.step(loss)
 
@@ -250,7 +260,7 @@ def _lm(prob: _Problem, rec: _Recorder, lam0: float = 1e-3, up: float = 3.0, dow
                 break
             lam *= up
         extra -= 1  # one loss evaluation per epoch is the normal cost
-        if rec.record(f, lam):
+        if rec.record(f, lam, prob.fit(W, H) if prob.reg else None):
             return W, H, {"extra": max(extra, 0)}
 
 

@@ -13,12 +13,15 @@ from dataclasses import asdict, dataclass, field, fields
 import gymnasium as gym
 import numpy as np
 
-from .engine import STAT_GRAD_NORM, STAT_HELDOUT, STAT_L_H, STAT_L_W, STAT_LOSS
+from .engine import NUM_STATS, STAT_FIT, STAT_GRAD_NORM, STAT_HELDOUT, STAT_L_H, STAT_L_W, STAT_LOSS
 
 ACTION_MODES = ("log_bound", "paper")
 OBS_FEATURES = ("loss", "epoch", "grad_norm", "bound", "prev_action", "target_gap")
 """Observation features, in the order they appear in the vector (``bound`` contributes two)."""
 DEFAULT_OBS = ("loss", "epoch", "grad_norm")
+TARGET_METRICS = ("loss", "fit")
+"""What the target is compared with: the loss, or its data term alone (``fit``, for regularised families
+whose purpose is the fit itself, such as ``tutorial``)."""
 _TINY = 1e-30
 
 
@@ -140,14 +143,17 @@ class TaskConfig:
 class EpisodeTracker:
     """Per-instance episode state of ``B`` instances and the MDP's observation and reward rules."""
 
-    def __init__(self, cfg: TaskConfig, batch: int, has_heldout: bool):
+    def __init__(self, cfg: TaskConfig, batch: int, has_heldout: bool, target_metric: str = "loss"):
+        if target_metric not in TARGET_METRICS:
+            raise ValueError(f"target_metric must be one of {TARGET_METRICS}, got {target_metric!r}")
         self.cfg = cfg
         self.B = batch
         self.has_heldout = has_heldout
+        self._target_col = STAT_FIT if target_metric == "fit" else STAT_LOSS
         z = lambda: np.zeros(batch)  # noqa: E731
         self.f0, self.g0, self.best, self.target, self.prev_action = z(), z(), z(), z(), z()
         self.epoch = np.zeros(batch, dtype=np.int64)
-        self.stats = np.zeros((batch, 5))
+        self.stats = np.zeros((batch, NUM_STATS))
         self.done = np.zeros(batch, dtype=bool)
 
     def reset(self, idx: np.ndarray | list[int], stats: np.ndarray, target: np.ndarray) -> None:
@@ -184,7 +190,7 @@ class EpisodeTracker:
                 elif f == "prev_action":
                     cols.append(self.prev_action)
                 elif f == "target_gap":
-                    cols.append(np.log10(s[:, STAT_LOSS] / self.target))
+                    cols.append(np.log10(s[:, self._target_col] / self.target))
         obs = np.stack(cols, axis=1)
         return np.clip(np.nan_to_num(obs, nan=c, posinf=c, neginf=-c), -c, c).astype(np.float32)
 
@@ -202,7 +208,8 @@ class EpisodeTracker:
             improved = ~diverged & (loss < self.best)
             gain = np.where(improved, 100.0 * (self.best - loss) / np.maximum(self.best, _TINY), 0.0)
         self.best = np.where(improved, loss, self.best)
-        reached = ~diverged & (self.best <= self.target)
+        # the episode ends at the first epoch at or below the target, so "now" is "ever" here
+        reached = ~diverged & (stats[:, self._target_col] <= self.target)
         remaining = cfg.budget - self.epoch
         reward = (w.improvement * gain - w.time_cost
                   + np.where(reached, w.remaining * remaining, 0.0)
@@ -213,8 +220,8 @@ class EpisodeTracker:
         infos = self._infos(lr, 2.0 / np.maximum(prev_L, _TINY), diverged, reached, invalid)
         return self.observe(), reward, terminated, truncated, infos
 
-    _INFO_KEYS = ("epoch", "loss", "best_loss", "target_loss", "grad_norm", "lr_W", "lr_H", "bound_W", "bound_H",
-                  "diverged", "reached_target", "invalid_action")
+    _INFO_KEYS = ("epoch", "loss", "fit", "best_loss", "target_loss", "grad_norm", "lr_W", "lr_H", "bound_W",
+                  "bound_H", "diverged", "reached_target", "invalid_action")
 
     def _infos(self, lr, bound, diverged, reached, invalid, slots=slice(None)) -> list[dict]:
         """The info dicts of ``slots`` (all by default; the other arguments hold one row per listed slot),
@@ -222,7 +229,7 @@ class EpisodeTracker:
         step of every env)."""
         s = self.stats[slots]
         flags = [np.asarray(f, dtype=bool).tolist() for f in (diverged, reached, invalid)]
-        cols = [self.epoch[slots].tolist(), s[:, STAT_LOSS].tolist(), self.best[slots].tolist(),
+        cols = [self.epoch[slots].tolist(), s[:, STAT_LOSS].tolist(), s[:, STAT_FIT].tolist(), self.best[slots].tolist(),
                 self.target[slots].tolist(), s[:, STAT_GRAD_NORM].tolist(), lr[:, 0].tolist(), lr[:, 1].tolist(),
                 bound[:, 0].tolist(), bound[:, 1].tolist(), *flags]
         infos = [dict(zip(self._INFO_KEYS, row)) for row in zip(*cols)]

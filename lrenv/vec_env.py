@@ -102,7 +102,7 @@ class BatchedNMFVecEnv(VecEnv):
         self.memory_bytes = check_memory(cfg, int(num_envs))
         B = int(num_envs)
         self.engine = SGDEngine(cfg, batch=B)
-        self.tracker = EpisodeTracker(self.task, B, self.family.has_heldout)
+        self.tracker = EpisodeTracker(self.task, B, self.family.has_heldout, self.family.target_metric)
         super().__init__(B, self.task.observation_space(), self.task.action_space())
         self.metadata = {"render_modes": []}
         self.problems: list[Problem | None] = [None] * B
