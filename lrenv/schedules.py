@@ -33,12 +33,20 @@ def _act(x: float | np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32).reshape(1)
 
 
+def schedule_env_kwargs(schedule: "Schedule", env_kwargs: dict) -> dict:
+    """The env kwargs for ``schedule``: the evaluation's, its action mode and its overrides."""
+    return {"instances": "test", **env_kwargs, "action_mode": schedule.action_mode, **schedule.env_overrides}
+
+
 class Schedule:
     """Base class: a learning-rate rule with the SB3 ``predict`` signature."""
 
     name: str = "schedule"
     action_mode: str = "log_bound"
     env_overrides: dict[str, Any] = {}
+    batchable: bool = False
+    """True when the decision needs only the observation, the epoch and the schedule's own generator, so that
+    many runs can share one batched engine (:mod:`lrenv.batch_eval`); False for rules that query the iterate."""
 
     def __init__(self) -> None:
         self.extra_loss_evals = 0
@@ -82,6 +90,7 @@ class ScaleSchedule(Schedule):
 
     action_mode = "log_bound"
     env_overrides = _BOUND_ENV
+    batchable = True
 
     def _action(self, obs: np.ndarray) -> np.ndarray:
         return self.task.action_for_scale(self.scale())
@@ -106,6 +115,7 @@ class FixedLR(Schedule):
     """The same absolute learning rate for both factors every epoch (paper mode, as in the paper)."""
 
     action_mode = "paper"
+    batchable = True
 
     def __init__(self, lr: float):
         super().__init__()
@@ -225,6 +235,7 @@ class Armijo(ScaleSchedule):
     """
 
     name = "armijo"
+    batchable = False  # one line search per instance, on that instance's iterate
 
     def __init__(self, c: float = 0.5, shrink: float = 0.5, alpha_max: float = 1.0, max_trials: int = 30):
         super().__init__()
@@ -337,6 +348,15 @@ class PolicySchedule(Schedule):
             return obs
         z = (obs - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + self.epsilon)
         return np.clip(z, -self.clip_obs, self.clip_obs).astype(np.float32)
+
+    @property
+    def batchable(self) -> bool:  # type: ignore[override]
+        return not hasattr(self.model.policy, "lstm_actor")  # a recurrent policy keeps per-run state
+
+    def predict_batch(self, obs: np.ndarray) -> np.ndarray:
+        """Deterministic actions for a batch of observations (n, obs_dim) -> (n, action_dim)."""
+        action, _ = self.model.predict(self.normalize(np.asarray(obs, dtype=np.float32)), deterministic=True)
+        return np.asarray(action, dtype=np.float32).reshape(len(obs), -1)
 
     def predict(self, obs: np.ndarray, state: Any = None, episode_start: Any = None,
                 deterministic: bool = True) -> tuple[np.ndarray, Any]:

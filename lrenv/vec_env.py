@@ -113,6 +113,10 @@ class BatchedNMFVecEnv(VecEnv):
         self._targets = np.zeros(B)
         self._actions: np.ndarray | None = None
         self._needs_reset = True
+        self.autoreset = True
+        """False: a finished slot stays frozen (no step, no new episode) instead of starting the next one; for
+        evaluation, where a reset would draw a problem nobody records."""
+        self._frozen = np.zeros(B, dtype=bool)
 
     # -------------------------------------------------------------- slots
     def _reset_slots(self, slots: Sequence[int], seeds: Sequence[int | None] | None = None,
@@ -155,6 +159,18 @@ class BatchedNMFVecEnv(VecEnv):
         self._needs_reset = False
         return self.tracker.observe()
 
+    def reset_instances(self, instances: Sequence[int], seeds: Sequence[int]) -> tuple[VecEnvObs, list[dict]]:
+        """Start every slot ``i`` on instance ``instances[i]`` with reset seed ``seeds[i]``, exactly as
+        ``NMFEnv.reset(seed=seeds[i], options={"instance": instances[i]})``; returns observations and infos."""
+        if len(instances) != self.num_envs or len(seeds) != self.num_envs:
+            raise ValueError(f"reset_instances needs {self.num_envs} instances and seeds, got "
+                             f"{len(instances)} and {len(seeds)}")
+        infos = self._reset_slots(list(range(self.num_envs)), seeds=list(seeds),
+                                  options=[{"instance": int(i)} for i in instances])
+        self._needs_reset = False
+        self._frozen[:] = False
+        return self.tracker.observe(), infos
+
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions
 
@@ -166,21 +182,24 @@ class BatchedNMFVecEnv(VecEnv):
         lr, a, invalid = self.task.actions_to_lr(actions, self.tracker.lipschitz())
         t = np.minimum(self.tracker.epoch, self.task.budget - 1)
         order = self._orders[self._arange, t]  # (B, K): each slot's minibatch order for its epoch
-        any_invalid = bool(invalid.any())
-        lr_run = np.where(invalid[:, None], 0.0, lr) if any_invalid else lr  # an invalid slot does not move
-        if not (any_invalid and invalid.all()):
+        still = invalid | self._frozen
+        any_invalid = bool(still.any())
+        lr_run = np.where(still[:, None], 0.0, lr) if any_invalid else lr  # an invalid or frozen slot does not move
+        if not (any_invalid and still.all()):
             lr_t = torch.as_tensor(lr_run, dtype=cfg.dtype, device=cfg.device)
             self.engine.epoch(lr_t, order if B == 1 else torch.as_tensor(order, device=cfg.device))
             stats = self._stats()
         else:
             stats = self.tracker.stats.copy()
         if any_invalid:
-            stats[invalid] = self.tracker.stats[invalid]
+            stats[still] = self.tracker.stats[still]
         obs, reward, terminated, truncated, infos = self.tracker.step(stats, a, lr, invalid)
         dones = terminated | truncated
         for i in range(B):
             infos[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
-        if dones.any():
+        if not self.autoreset:
+            self._frozen |= dones
+        elif dones.any():
             done_idx = np.flatnonzero(dones)
             for i in done_idx:
                 infos[i]["terminal_observation"] = obs[i]
