@@ -72,10 +72,10 @@ def real(lo: float | None = None, hi: float | None = None, *, lo_open: bool = Tr
             bad = v >= hi if hi_open else v > hi
         if bad:
             if hi is None:
-                rule = f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else "finite"
+                rule = f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else ""
             else:
                 rule = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-            _fail(key, v, f"must be a finite number {rule}")
+            _fail(key, v, f"must be a finite number {rule}".rstrip())
     return check
 
 
