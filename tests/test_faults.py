@@ -28,13 +28,14 @@ from lrenv.policy_io import read_extras, unique_tmp
 
 TINY = dict(m=60, n=20, rank=3)
 TINY_ARGS = ["--problem", "small", "--problem-param", "m=60", "--problem-param", "n=20", "--problem-param", "rank=3"]
-PLANNED = 1024  # 8 rollouts of 2 envs x 64 steps; checkpoints every 256 timesteps
+PLANNED = 384  # 6 rollouts of 2 envs x 32 steps; checkpoints every 128 timesteps
+EVERY = 128
 
 
 def tiny_config(tmp_path, **kw) -> TrainConfig:
-    hp = load_hyperparams("small", [f"n_timesteps:{PLANNED}", "n_envs:2", "n_steps:64", "batch_size:64", "n_epochs:1",
+    hp = load_hyperparams("small", [f"n_timesteps:{PLANNED}", "n_envs:2", "n_steps:32", "batch_size:64", "n_epochs:1",
                                     "env_kwargs.budget:30"])
-    options = dict(eval_freq=0, eval_episodes=1, checkpoint_freq=256, progress=False)
+    options = dict(eval_freq=0, eval_episodes=1, checkpoint_freq=EVERY, progress=False)
     return TrainConfig(problem="small", problem_params=TINY, hyperparams=hp, runs_dir=str(tmp_path), **{**options, **kw})
 
 
@@ -106,7 +107,7 @@ def test_kill_during_a_checkpoint_write_resumes_to_the_planned_timesteps(tmp_pat
     torn = "torn" in moment
     assert ("skipping" in out.err) == torn, out.err  # a broken newest checkpoint is reported and skipped
     resumed_at = int(out.out.split(" at ")[1].split()[0])
-    expected = 256 * (nth if moment == "checkpoint complete" else nth - 1)
+    expected = EVERY * (nth if moment == "checkpoint complete" else nth - 1)
     assert resumed_at == expected
     meta, vecnorm = read_extras(run_dir / "model.zip")
     assert meta["num_timesteps"] == PLANNED and vecnorm is not None
@@ -122,7 +123,7 @@ def test_killed_twice_and_a_finished_run_is_not_retrained(tmp_path, monkeypatch,
             train(tiny_config(tmp_path))
     run_dir = next(tmp_path.iterdir())
     with monkeypatch.context() as patch:
-        _kill_at(patch, 2, "zip torn under its final name (a non-atomic writer)")  # at 768, resumed from 0
+        _kill_at(patch, 2, "zip torn under its final name (a non-atomic writer)")  # at 256, resumed from 0
         with pytest.raises(Killed):
             train(tiny_config(tmp_path), resume=run_dir)
     train(tiny_config(tmp_path), resume=run_dir)
@@ -132,17 +133,17 @@ def test_killed_twice_and_a_finished_run_is_not_retrained(tmp_path, monkeypatch,
     stamp = (run_dir / "model.zip").stat().st_mtime_ns
     capsys.readouterr()
     assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
-    assert "is complete (1024 timesteps)" in capsys.readouterr().out
+    assert f"is complete ({PLANNED} timesteps)" in capsys.readouterr().out
     assert (run_dir / "model.zip").stat().st_mtime_ns == stamp
     # raising n_timesteps explicitly extends it from the final model
-    assert main(["train", "--resume", str(run_dir), "--no-progress", "n_timesteps:1280"]) == 0
-    assert read_extras(run_dir / "model.zip")[0]["num_timesteps"] == 1280
-    assert _assert_tensorboard_has_no_duplicate_steps(run_dir) == 1280
+    assert main(["train", "--resume", str(run_dir), "--no-progress", f"n_timesteps:{PLANNED + 128}"]) == 0
+    assert read_extras(run_dir / "model.zip")[0]["num_timesteps"] == PLANNED + 128
+    assert _assert_tensorboard_has_no_duplicate_steps(run_dir) == PLANNED + 128
 
 
 def test_checkpoint_without_statistics_is_refused_unless_allowed(tmp_path, capsys):
     with pytest.raises(RuntimeError):
-        train(tiny_config(tmp_path), extra_callbacks=[_Crash(600)])
+        train(tiny_config(tmp_path), extra_callbacks=[_Crash(300)])
     run_dir = next(tmp_path.iterdir())
     for zip_path in (run_dir / "checkpoints").glob("*.zip"):  # an old-style checkpoint: no embedded statistics
         with zipfile.ZipFile(zip_path) as z:

@@ -113,7 +113,10 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 
 
 class NoUsableCheckpoint(ValueError):
-    """No checkpoint of a run could be resumed from (the message lists why for each)."""
+    """No checkpoint of a run could be resumed from (the message lists why for each). ``unreadable``: every
+    candidate failed to load as a model (damaged files), none was refused for missing statistics."""
+
+    unreadable: bool = False
 
 
 def _sidecar_statistics(zip_path: Path) -> Any:
@@ -137,7 +140,7 @@ def load_latest(candidates: list[Path], venv: Any, *, normalize: Any, device: st
     without statistics, with fresh ones. Raises :class:`NoUsableCheckpoint` when none is usable."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import VecNormalize
-    reasons = []
+    reasons, refused = [], False
     for path in candidates:
         try:
             _, vecnorm = read_extras(path)
@@ -146,6 +149,7 @@ def load_latest(candidates: list[Path], venv: Any, *, normalize: Any, device: st
                     vecnorm = _sidecar_statistics(path)
                 if vecnorm is None:
                     if not allow_missing_normalization:
+                        refused = True
                         raise ValueError("its VecNormalize statistics are missing (pass "
                                          "--allow-missing-normalization to resume from it with fresh statistics)")
                     report(f"warning: {path.name} has no VecNormalize statistics; resuming with fresh ones")
@@ -166,7 +170,9 @@ def load_latest(candidates: list[Path], venv: Any, *, normalize: Any, device: st
     if not candidates:
         raise NoUsableCheckpoint("no checkpoint found: the run was interrupted before its first checkpoint; "
                                  "start it again without --resume")
-    raise NoUsableCheckpoint("no usable checkpoint: " + "; ".join(reasons))
+    error = NoUsableCheckpoint("no usable checkpoint: " + "; ".join(reasons))
+    error.unreadable = not refused
+    raise error
 
 
 def tensorboard_logger(folder: Path, purge_step: int | None = None) -> Any:

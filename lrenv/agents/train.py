@@ -306,7 +306,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
     from lrenv.problems import EVAL_SEEDS
     eval_seeds = [EVAL_SEEDS[i] for i in range(cfg.eval_episodes)]
     eval_env = wrap_normalize(make_vec_env(cfg, 1, eval_seeds, seed=cfg.seed + 10_000), hp, training=False)
-    created = False
+    created, fresh = False, resume is None
     try:
         if resume is None:
             run_dir = new_run_dir(cfg)
@@ -331,12 +331,25 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
             candidates = [p for _, p in list_checkpoints(run_dir)]
             if finished is not None:
                 candidates.insert(0, run_dir / "model.zip")
-            model, venv, source = load_latest(candidates, venv, normalize=hp.get("normalize", False),
-                                              device=cfg.device, allow_missing_normalization=allow_missing_normalization)
-            done = int(model.num_timesteps)
+            model = None
+            try:
+                model, venv, source = load_latest(candidates, venv, normalize=hp.get("normalize", False),
+                                                  device=cfg.device,
+                                                  allow_missing_normalization=allow_missing_normalization)
+                done = int(model.num_timesteps)
+                print(f"resuming {run_dir} from {source.name} at {done} timesteps")
+            except NoUsableCheckpoint as e:
+                if candidates and not e.unreadable:
+                    raise
+            if model is None:  # no checkpoint, or only damaged ones: train it again from the start
+                venv = wrap_normalize(venv, hp)
+                model, done, fresh = make_model(cfg, venv, run_dir), 0, True
+                print(f"resuming {run_dir} at 0 timesteps: it has no loadable checkpoint, so it is trained again "
+                      "from the start")
             write_config(cfg, run_dir, {k: doc[k] for k in ("result",) if k in doc})
-            print(f"resuming {run_dir} from {source.name} at {done} timesteps")
-        model.set_logger(tensorboard_logger(run_dir / TB_DIR, purge_step=done + 1 if done else None))
+        # Resumed: TensorBoard drops the stopped run's events above the step resumed from (all of them at 0).
+        model.set_logger(tensorboard_logger(run_dir / TB_DIR, purge_step=None if resume is None else done + 1 if done
+                                            else 0))
     except BaseException:
         venv.close()
         eval_env.close()
@@ -362,7 +375,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
     start = time.time()
     try:
         if remaining > 0:
-            model.learn(remaining, callback=CallbackList(callbacks), reset_num_timesteps=resume is None,
+            model.learn(remaining, callback=CallbackList(callbacks), reset_num_timesteps=fresh,
                         progress_bar=cfg.progress)
     except KeyboardInterrupt:
         save_model(model, run_dir, "interrupted", task=task, env=env)
