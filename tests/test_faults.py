@@ -361,3 +361,10 @@ def test_out_under_a_file_is_a_clear_error(tmp_path, capsys):
     code, err = _run_cli(["evaluate", *TINY_ARGS, "--seeds", "1", "--budget", "3", "--methods", "fixed-c=1",
                           "--out", str(tmp_path / "file" / "out"), "--no-progress"], capsys)
     assert code == 2 and "choose another --out" in err and len(err.splitlines()) == 1, err
+
+
+def test_batched_env_refuses_a_zero_budget_instead_of_using_the_familys():
+    from lrenv.vec_env import BatchedNMFVecEnv
+    with pytest.raises(ValueError, match="budget must be a positive integer"):
+        BatchedNMFVecEnv(problem="small", problem_params=TINY, num_envs=2, budget=0)
+    assert BatchedNMFVecEnv(problem="small", problem_params=TINY, num_envs=2).task.budget == 200
