@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.every < 1:
+        raise ValueError(f"--every must be a positive number of epochs, got {args.every}")
     if not 0 < args.scale <= 10:
         raise ValueError(f"--scale must be in (0, 10], got {args.scale}")
     env = NMFEnv(args.problem, problem_params=parse_problem_params(args.problem_param), budget=args.budget,

@@ -257,10 +257,15 @@ def summary_markdown(summary: dict[str, dict[str, Any]], *, heldout: bool = Fals
 
 # ----------------------------------------------------------------------------- files
 def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from .policy_io import unique_tmp
+    tmp = unique_tmp(path)  # unique per writer: two evaluations never share a temporary file
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _json_default(o: Any) -> Any:
@@ -317,24 +322,48 @@ def default_out_dir(problem: str, seed: int, root: str = "runs") -> str:
     return os.path.join(root, f"{name}__eval__{seed}__{stamp}")
 
 
+CLAIM_FILE = ".lrenv-claim"
+"""Created exclusively (O_EXCL) in an output directory by the evaluation that writes it."""
+
+
+def _claim(directory: str) -> None:
+    """Atomically claim ``directory`` for this process: exactly one of several concurrent callers succeeds."""
+    try:
+        fd = os.open(os.path.join(directory, CLAIM_FILE), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise ValueError(f"output directory {directory} is already used by another evaluation; refusing to mix "
+                         "results (choose another --out)") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"pid {os.getpid()} {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}\n")
+
+
 def reserve_out_dir(out_dir: str | None, problem: str, seed: int) -> str:
-    """Create the result directory; never reuse one: an explicit existing non-empty ``out_dir`` is an
-    error, a default name that exists gets a ``-2``, ``-3``... suffix."""
-    if out_dir is not None:
-        if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-            raise ValueError(f"output directory {out_dir} already exists and is not empty; refusing to overwrite "
-                             "results (choose another --out)")
-        os.makedirs(out_dir, exist_ok=True)
-        return out_dir
-    base = default_out_dir(problem, seed)
-    candidate, k = base, 1
-    while True:
-        try:
-            os.makedirs(candidate, exist_ok=False)
-            return candidate
-        except FileExistsError:
-            k += 1
-            candidate = f"{base}-{k}"
+    """Create and claim the result directory; never reuse one: an explicit existing non-empty ``out_dir`` is an
+    error, a default name that exists gets a ``-2``, ``-3``... suffix. The claim is atomic (an exclusively created
+    ``.lrenv-claim`` file), so of two evaluations started together into one ``--out`` exactly one proceeds."""
+    try:
+        if out_dir is not None:
+            if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+                raise ValueError(f"--out {out_dir} is a file, not a directory (choose another --out)")
+            if os.path.isdir(out_dir) and [f for f in os.listdir(out_dir) if f != CLAIM_FILE]:
+                raise ValueError(f"output directory {out_dir} already exists and is not empty; refusing to overwrite "
+                                 "results (choose another --out)")
+            os.makedirs(out_dir, exist_ok=True)
+            _claim(out_dir)
+            return out_dir
+        base = default_out_dir(problem, seed)
+        candidate, k = base, 1
+        while True:
+            try:
+                os.makedirs(candidate, exist_ok=False)
+                _claim(candidate)
+                return candidate
+            except FileExistsError:
+                k += 1
+                candidate = f"{base}-{k}"
+    except (NotADirectoryError, FileExistsError, PermissionError) as e:
+        raise ValueError(f"cannot create output directory {out_dir or problem}: {e.strerror} ({e.filename}); "
+                         "choose another --out") from None
 
 
 # ----------------------------------------------------------------------------- the harness

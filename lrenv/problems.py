@@ -30,10 +30,16 @@ A path to an existing file may be given as the name itself (``make_family("data/
 
 from __future__ import annotations
 
+import csv
 import difflib
 import functools
+import hashlib
+import inspect
+import math
 import os
+import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -62,6 +68,20 @@ def reset_seed(instance: int, seed: int = 0) -> int:
     """The environment reset seed that evaluation uses for ``instance``: initial factors and minibatch
     order follow from it. Derived from the instance, so on fixed-data families the splits still differ."""
     return int(np.random.SeedSequence([int(seed), int(instance)]).generate_state(1)[0])
+
+MAX_MATRIX_ENTRIES = int(float(os.environ.get("LRENV_MAX_MATRIX_ENTRIES", 5e7)))
+"""Largest matrix (m x n entries) a family accepts: 5e7 entries are 400 MB as float64, about 1 GB with the
+engine's float32 copy, masks and factors. Files are checked from their header before anything is loaded.
+Raise it with the environment variable ``LRENV_MAX_MATRIX_ENTRIES`` on a machine with the memory."""
+REFERENCE_TIME_LIMIT_S = float(os.environ.get("LRENV_REFERENCE_TIME_S", 60.0))
+"""Wall-clock limit of the scikit-learn reference solve that sets a user matrix's target (checked between
+chunks of iterations; the best loss so far is used when it runs out, with a warning)."""
+REFERENCE_MAX_WORK = 2e9
+"""m * n * rank above which the reference solve is skipped (one iteration would take seconds): the target
+then falls back to ``target_rel`` times the zero model's loss, with a warning."""
+LOSS_RANGE = (1e-30, 1e30)
+"""1/2 ||V||^2 must lie in this range: the engine computes in float32 (max 3.4e38, min normal 1.2e-38), and
+losses, gradients and the divergence test (100x the initial loss) must neither overflow nor underflow."""
 
 
 @dataclass
@@ -138,7 +158,10 @@ def _nmf_init(V: np.ndarray, rank: int, mask: np.ndarray | None = None):
 
 
 def _check_rank(name: str, rank: int, m: int, n: int) -> None:
-    if not isinstance(rank, (int, np.integer)) or rank < 1:
+    if min(m, n) < 2:
+        raise ValueError(f"{name}: a {m} x {n} matrix cannot be factorised: NMF needs min(m, n) >= 2 (at least 2 "
+                         "rows and 2 columns, so that some rank 1 <= r < min(m, n) exists)")
+    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"{name}: rank must be a positive integer, got {rank!r}")
     if rank >= min(m, n):
         raise ValueError(f"{name}: rank {rank} must be smaller than min(m, n) = {min(m, n)} for a "
@@ -347,41 +370,165 @@ def illcond_family(*, m: int = 10, n: int = 6, hidden: int = 6, kappa: float = 1
 
 
 # ----------------------------------------------------------------------------- user data
+def _check_entries(source: str, shape: tuple[int, ...]) -> None:
+    """Refuse a matrix above :data:`MAX_MATRIX_ENTRIES` (from its shape alone, before loading it)."""
+    entries = math.prod(int(d) for d in shape)
+    if entries > MAX_MATRIX_ENTRIES:
+        dims = " x ".join(str(int(d)) for d in shape)
+        raise ValueError(f"{source}: {dims} = {entries:.3g} entries ({entries * 8 / 1e9:.3g} GB as float64) is above "
+                         f"the limit of {MAX_MATRIX_ENTRIES:.3g} entries (about {MAX_MATRIX_ENTRIES * 8 / 1e9:.2g} GB "
+                         "per dense copy); subsample rows or columns, or on a machine with the memory (a GPU for "
+                         "training) raise the limit with LRENV_MAX_MATRIX_ENTRIES")
+
+
+def _check_header(source: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    if np.issubdtype(dtype, np.complexfloating):
+        raise ValueError(f"{source}: the matrix is complex ({dtype}); NMF needs real non-negative entries "
+                         "(save np.abs(V) or V.real explicitly)")
+    if len(shape) != 2:
+        raise ValueError(f"{source}: expected a 2-D matrix, found an array of shape {tuple(shape)}")
+    _check_entries(source, shape)
+
+
 def validate_matrix(V: np.ndarray, source: str, *, nan_is_missing: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """Check a non-negative data matrix; return ``(V with missing entries set to 0, mask or None)``."""
+    """Check a non-negative data matrix; return ``(V with missing entries set to 0, mask or None)``.
+
+    Refused with a message naming ``source``: non-numeric or complex data, not 2-D, min(m, n) < 2, above
+    :data:`MAX_MATRIX_ENTRIES`, infinite or negative entries, every observed entry 0, and scales whose loss
+    1/2 ||V||^2 falls outside :data:`LOSS_RANGE` (float32 overflow or underflow: rescale V). The float64 matrix
+    is made without a second copy (no conversion when V already is float64)."""
     V = np.asarray(V)
+    if np.iscomplexobj(V):
+        raise ValueError(f"{source}: the matrix is complex ({V.dtype}); NMF needs real non-negative entries "
+                         "(pass np.abs(V) or V.real explicitly)")
     if V.dtype == object or not np.issubdtype(V.dtype, np.number):
         raise ValueError(f"{source}: expected a numeric matrix, found dtype {V.dtype}")
-    V = V.astype(np.float64)
     if V.ndim != 2:
         raise ValueError(f"{source}: expected a 2-D matrix, found an array of shape {V.shape}")
     if V.size == 0:
         raise ValueError(f"{source}: the matrix is empty (shape {V.shape})")
+    m, n = V.shape
+    if min(m, n) < 2:
+        raise ValueError(f"{source}: a {m} x {n} matrix cannot be factorised: NMF needs min(m, n) >= 2 (at least 2 "
+                         "rows and 2 columns)")
+    _check_entries(source, V.shape)
+    V = np.array(V, dtype=np.float64) if isinstance(V, np.memmap) else V.astype(np.float64, copy=False)
     inf = np.isinf(V)
     if inf.any():
         i, j = np.argwhere(inf)[0]
         raise ValueError(f"{source}: {int(inf.sum())} infinite entries (first at row {i}, column {j}); "
                          "replace them with finite values, or with NaN to mark them missing")
+    del inf
     missing = np.isnan(V)
-    if missing.any() and not nan_is_missing:
+    has_missing = bool(missing.any())
+    if has_missing and not nan_is_missing:
         i, j = np.argwhere(missing)[0]
         raise ValueError(f"{source}: {int(missing.sum())} NaN entries (first at row {i}, column {j}) but "
                          "missing entries are not allowed here; pass nan_is_missing=True to treat NaN as missing")
-    if missing.all():
+    if has_missing and missing.all():
         raise ValueError(f"{source}: every entry is missing (NaN); nothing to factorise")
-    neg = (V < 0) & ~missing
+    neg = V < 0  # NaN compares False
     if neg.any():
         i, j = np.argwhere(neg)[0]
         raise ValueError(f"{source}: {int(neg.sum())} negative entries (first at row {i}, column {j}: "
                          f"{V[i, j]:g}); NMF needs a non-negative matrix")
-    mask = ~missing if missing.any() else None
-    return np.where(missing, 0.0, V), mask
+    del neg
+    if has_missing:
+        V = np.where(missing, 0.0, V)
+    top = float(V.max())
+    if top == 0.0:
+        raise ValueError(f"{source}: every observed entry is 0; there is nothing to factorise (the zero model is "
+                         "exact and every target would be 0)")
+    half = 0.5 * float(np.einsum("ij,ij->", V, V)) if top <= 1e15 else math.inf  # einsum: no temporary copy
+    if not half <= LOSS_RANGE[1]:
+        raise ValueError(f"{source}: entries up to {top:.3g} make the loss 1/2 ||V||^2 = {half:.3g} overflow float32 "
+                         f"arithmetic (limit {LOSS_RANGE[1]:.0e}); divide the matrix by a constant (e.g. its maximum "
+                         f"{top:.3g}) and scale the factors back")
+    if half < LOSS_RANGE[0]:
+        raise ValueError(f"{source}: entries at most {top:.3g} make the loss 1/2 ||V||^2 = {half:.3g} underflow "
+                         f"float32 arithmetic (below {LOSS_RANGE[0]:.0e}); multiply the matrix by a constant (e.g. "
+                         f"1/{top:.3g}) and scale the factors back")
+    return V, (~missing if has_missing else None)
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _read_npz(path: str) -> np.ndarray:
+    with zipfile.ZipFile(path) as zf:  # headers first: nothing is decompressed before the size check
+        names = [n.removesuffix(".npy") for n in zf.namelist()]
+        if "format" in names and "shape" in names:  # scipy.sparse.save_npz
+            with np.load(path, allow_pickle=False) as z:
+                shape = tuple(int(d) for d in z["shape"])
+            _check_header(path, shape, np.dtype(np.float64))
+            import scipy.sparse
+            return scipy.sparse.load_npz(path).toarray()
+        if len(names) != 1 and "V" not in names:
+            raise ValueError(f"expected one array (or one named 'V'), found {names}")
+        key = "V" if "V" in names else names[0]
+        with zf.open(f"{key}.npy") as f:
+            shape, dtype = _npy_header(f)
+        _check_header(path, shape, dtype)
+    with np.load(path, allow_pickle=False) as z:
+        return z[key]
+
+
+def _parse_cell(text: str, row: int, col: int, path: str) -> float:
+    t = text.strip()
+    if t == "" or t.lower() in ("nan", "na", "n/a", "null", "none"):
+        return math.nan
+    try:
+        return float(t)
+    except ValueError:
+        raise ValueError(f"{path}: row {row}, column {col}: {text.strip()!r} is not a number (leave the cell empty "
+                         "or write NaN to mark a missing entry)") from None
+
+
+def _read_csv(path: str) -> np.ndarray:
+    """Delimiter sniffed (, ; tab space |); the first row is a header only when one of its cells is not a number;
+    a non-numeric cell is an error naming its row and column (1-based, as a spreadsheet shows them)."""
+    with open(path, newline="") as f:
+        sample = f.read(64 * 1024)
+        try:
+            dialect = csv.Sniffer().sniff(sample, delimiters=",;\t |")
+        except csv.Error:
+            dialect = csv.excel  # one column, or no clear delimiter: commas
+        f.seek(0)
+        rows: list[list[float]] = []
+        width = None
+        for line_no, cells in enumerate(csv.reader(f, dialect), start=1):
+            if not cells or all(not c.strip() for c in cells):
+                continue
+            if dialect.delimiter == " ":
+                cells = [c for c in cells if c != ""]
+            if line_no == 1 and not rows:
+                try:
+                    [float(c) for c in cells if c.strip() and c.strip().lower() not in ("nan", "na", "n/a", "null")]
+                except ValueError:
+                    continue  # a header row
+            row = [_parse_cell(c, line_no, j + 1, path) for j, c in enumerate(cells)]
+            if width is None:
+                width = len(row)
+            elif len(row) != width:
+                raise ValueError(f"{path}: row {line_no} has {len(row)} cells, the rows above have {width}")
+            rows.append(row)
+            if len(rows) * width > MAX_MATRIX_ENTRIES:
+                _check_entries(path, (len(rows), width))
+    if not rows:
+        raise ValueError(f"{path}: no numeric rows")
+    return np.array(rows, dtype=np.float64)
 
 
 def load_matrix(path: str | os.PathLike) -> np.ndarray:
     """Read a matrix from .npy, .npz (dense array or scipy sparse), .csv or Matrix Market .mtx.
 
-    Sparse formats are densified: unstored entries are zeros; NaN marks a missing entry.
+    Sparse formats are densified: unstored entries are zeros; NaN marks a missing entry. Binary formats are
+    checked from their header (shape, dtype, :data:`MAX_MATRIX_ENTRIES`) before any data is read; a damaged
+    file is a ValueError naming it.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -389,40 +536,70 @@ def load_matrix(path: str | os.PathLike) -> np.ndarray:
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".npy":
-            return np.load(path, allow_pickle=False)
+            with open(path, "rb") as f:
+                shape, dtype = _npy_header(f)
+            _check_header(path, shape, dtype)
+            return np.load(path, mmap_mode="r", allow_pickle=False)  # paged in once by the float64 conversion
         if ext == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                keys = list(z.keys())
-                if "format" in keys and "shape" in keys:  # scipy.sparse.save_npz
-                    import scipy.sparse
-                    return scipy.sparse.load_npz(path).toarray()
-                if len(keys) != 1 and "V" not in keys:
-                    raise ValueError(f"expected one array (or one named 'V'), found {keys}")
-                return z["V" if "V" in keys else keys[0]]
+            return _read_npz(path)
         if ext == ".csv":
-            with open(path) as f:
-                first = f.readline()
-            header = any(c.isalpha() for c in first.replace("nan", "").replace("NaN", ""))
-            return np.genfromtxt(path, delimiter=",", skip_header=int(header), invalid_raise=True, ndmin=2)
+            return _read_csv(path)
         if ext == ".mtx":
             import scipy.io
+            rows, cols, _, _, field, _ = scipy.io.mminfo(path)
+            _check_header(path, (rows, cols), np.dtype(np.complex128 if field == "complex" else np.float64))
             M = scipy.io.mmread(path)
             return M.toarray() if hasattr(M, "toarray") else np.asarray(M)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"could not read a matrix from {path}: {e}") from e
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        msg = str(e).removeprefix(f"{path}: ")
+        kind = "" if isinstance(e, ValueError) and str(e).startswith(path) else f"{type(e).__name__}: "
+        raise ValueError(f"could not read a matrix from {path}: {kind}{msg}") from e
     raise ValueError(f"unsupported matrix file {path}: expected .npy, .npz, .csv or .mtx, found {ext or 'no extension'!r}")
 
 
-@functools.lru_cache(maxsize=8)
-def _reference_loss(key: str, V_bytes: bytes, shape: tuple[int, int], rank: int) -> float:
-    """Loss of scikit-learn's NMF (coordinate descent) on a fixed matrix; cached per matrix."""
+_REFERENCE_CACHE: dict[tuple[str, tuple[int, int], int], tuple[float, str]] = {}
+
+
+def _reference_loss(source: str, V: np.ndarray, rank: int) -> tuple[float, str]:
+    """``(loss, note)`` of scikit-learn's NMF (coordinate descent) on a fixed matrix, cached per matrix content.
+
+    Bounded: above :data:`REFERENCE_MAX_WORK` the solve is skipped (loss NaN, note says why); a larger solve runs
+    in chunks of iterations and stops at :data:`REFERENCE_TIME_LIMIT_S` with the loss reached (noted)."""
+    V = np.ascontiguousarray(V, dtype=np.float64)
+    key = (hashlib.blake2b(memoryview(V).cast("B"), digest_size=16).hexdigest(), V.shape, int(rank))
+    if key in _REFERENCE_CACHE:
+        return _REFERENCE_CACHE[key]
     from sklearn.decomposition import NMF
-    V = np.frombuffer(V_bytes, dtype=np.float64).reshape(shape)
-    model = NMF(n_components=rank, init="nndsvda", solver="cd", max_iter=500, tol=1e-6, random_state=0)
+    m, n = V.shape
+    work = m * n * rank
+    if work > REFERENCE_MAX_WORK:
+        out = (math.nan, f"reference NMF solve skipped: m*n*rank = {work:.3g} is above {REFERENCE_MAX_WORK:.0e}")
+        _REFERENCE_CACHE[key] = out
+        return out
+    note = ""
     with warnings.catch_warnings():  # a reference only needs to be close to converged
         warnings.simplefilter("ignore")
-        W = model.fit_transform(V)
-    return loss_of(V, W, model.components_)
+        if work <= 1e8:  # small: one solve, as always (same targets as before)
+            model = NMF(n_components=rank, init="nndsvda", solver="cd", max_iter=500, tol=1e-6, random_state=0)
+            W = model.fit_transform(V)
+            H = model.components_
+        else:
+            start, done, W, H = time.perf_counter(), 0, None, None
+            while done < 500:
+                model = NMF(n_components=rank, init="nndsvda" if W is None else "custom", solver="cd", max_iter=25,
+                            tol=1e-6, random_state=0)
+                W = model.fit_transform(V, W=W, H=H) if W is not None else model.fit_transform(V)
+                H = model.components_
+                done += model.n_iter_
+                if model.n_iter_ < 25:
+                    break
+                if time.perf_counter() - start > REFERENCE_TIME_LIMIT_S:
+                    note = (f"reference NMF solve stopped at the {REFERENCE_TIME_LIMIT_S:g} s limit after {done} "
+                            "iterations; the target uses the loss it reached")
+                    break
+    out = (loss_of(V, W, H), note)
+    _REFERENCE_CACHE[key] = out
+    return out
 
 
 def matrix_family(path: str | os.PathLike | None = None, *, array: np.ndarray | None = None, rank: int = 10,
@@ -452,10 +629,17 @@ def matrix_family(path: str | os.PathLike | None = None, *, array: np.ndarray | 
         observed = np.ones_like(V, dtype=bool) if mask is None else mask
         heldout = observed & (np.random.default_rng(0).uniform(size=V.shape) < holdout)
         mask = observed & ~heldout
+    note = ""
     if mask is None:
-        target = target_factor * _reference_loss(source, V.tobytes(), V.shape, rank)
+        ref, note = _reference_loss(source, V, rank)
+        target = target_factor * ref
+        if not math.isfinite(ref):
+            target = target_rel * 0.5 * float(np.einsum("ij,ij->", V, V))
+            note += f"; the target is target_rel = {target_rel:g} times the zero model's loss instead"
     else:
         target = target_rel * 0.5 * float(np.sum((V * mask) ** 2))
+    if note:
+        warnings.warn(f"{source}: {note}", stacklevel=2)
     init = _nmf_init(V, rank, mask)
 
     def make(seed: int) -> Problem:  # V holds the held-out entries' true values; the mask keeps them out of training
@@ -467,7 +651,7 @@ def matrix_family(path: str | os.PathLike | None = None, *, array: np.ndarray | 
                          description=f"{source}: {m}x{n} matrix, rank {rank}",
                          params=dict(path=os.fspath(path) if path is not None else None, rank=rank, holdout=holdout,
                                      target_factor=target_factor, target_rel=target_rel, budget=budget,
-                                     num_blocks=blocks))
+                                     num_blocks=blocks, **({"target_note": note} if note else {})))
 
 
 def digits_family(*, rank: int = 16, **kw) -> ProblemFamily:
@@ -523,6 +707,55 @@ def suggest(name: str, choices) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
+_SIZE_PARAMS = (("m", "n"), ("products", "stores"))
+"""Parameter pairs that give a generated matrix's shape (checked against MAX_MATRIX_ENTRIES before building)."""
+
+
+def check_family_params(label: str, fn: Callable[..., ProblemFamily], params: dict[str, Any],
+                        exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Names, types and ranges of family parameters, from the family function's signature: an unknown name, a
+    non-integer count (``m=abc``, ``rank=2.5``), a count below 1 (``m=-5``) or a generated matrix above
+    :data:`MAX_MATRIX_ENTRIES` (``m=1e7 n=1e5``) is a one-line ValueError. Integral floats (``m=1e3``) become
+    ints. Returns the cleaned parameters."""
+    sig = inspect.signature(fn)
+    known = {k: v for k, v in sig.parameters.items()
+             if v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD) and k not in exclude}
+    out = {}
+    for key, value in params.items():
+        if key not in known:
+            raise ValueError(f"{label}: unknown parameter {key!r}.{suggest(key, known)} Known: {', '.join(known)}")
+        ann = str(known[key].annotation)
+        if value is None and "None" in ann:
+            out[key] = value
+        elif "bool" in ann:
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{label}: parameter {key} must be true or false, got {value!r}")
+            out[key] = bool(value)
+        elif "int" in ann and "float" not in ann:
+            ok = isinstance(value, (int, np.integer)) or (isinstance(value, float) and math.isfinite(value)
+                                                          and value.is_integer())
+            if isinstance(value, bool) or not ok:
+                raise ValueError(f"{label}: parameter {key} must be a positive integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{label}: parameter {key} must be a positive integer (>= 1), got {value!r}")
+            out[key] = int(value)
+        elif "float" in ann:
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{label}: parameter {key} must be a finite number, got {value!r}")
+            out[key] = float(value)
+        else:
+            out[key] = value
+    preset = getattr(fn, "args", ())
+    defaults = PAPER_PRESETS.get(preset[0], {}) if preset else {}
+    for a, b in _SIZE_PARAMS:
+        if a in known and b in known:
+            dims = [out.get(k, defaults.get(k, known[k].default)) for k in (a, b)]
+            if all(isinstance(d, int) for d in dims):
+                _check_entries(f"{label} ({a}={dims[0]}, {b}={dims[1]})", tuple(dims))
+    return out
+
+
 def make_family(problem: str | ProblemFamily = DEFAULT_PROBLEM, **params) -> ProblemFamily:
     """A problem family by name (see the module docstring), or a path to a matrix file."""
     if isinstance(problem, ProblemFamily):
@@ -530,12 +763,15 @@ def make_family(problem: str | ProblemFamily = DEFAULT_PROBLEM, **params) -> Pro
             raise ValueError("parameters cannot be applied to an already built ProblemFamily")
         return problem
     if problem in FAMILIES:
+        params = check_family_params(f"problem {problem!r}", FAMILIES[problem], params)
         try:
             return FAMILIES[problem](**params)
         except TypeError as e:
             raise ValueError(f"bad parameters for problem {problem!r}: {e}") from e
     if isinstance(problem, (str, os.PathLike)) and os.path.splitext(os.fspath(problem))[1].lower() in (
             ".npy", ".npz", ".csv", ".mtx"):
+        params = check_family_params(f"matrix file {os.fspath(problem)}", matrix_family, params,
+                                     exclude=("path", "array", "name"))
         return matrix_family(problem, **params)
     raise ValueError(f"unknown problem {problem!r}.{suggest(problem, FAMILIES)} "
                      f"Known problems: {', '.join(FAMILIES)}, or a path to a .npy/.npz/.csv/.mtx file.")

@@ -13,6 +13,7 @@ bound); the constant ``c`` of SPEC §5 is ``lr = c / L``, i.e. ``s = c / 2``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -313,25 +314,33 @@ class BarzilaiBorwein(Schedule):
 
 
 # ----------------------------------------------------------------------------- trained policies
-TASK_FIELDS_FROM_CONFIG = ("action_mode", "lr_max", "log_range", "obs_features", "obs_clip",
-                           "divergence_factor", "reward", "target_loss")
-"""Keys of a run's config.json "env" that define the decision problem a policy was trained on; the
-problem, budget and instances are the evaluation's own."""
+TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskConfig))
+"""Every field of the decision problem; all of them travel with a saved policy (lrenv.policy_io)."""
+TASK_FIELDS_FROM_CONFIG = tuple(f for f in TASK_FIELDS if f != "budget")
+"""The fields a policy imposes on the environment it is evaluated in. The budget is the evaluation's (every
+method of a table shares it), but a policy trained with another budget is refused (the epoch feature and
+the reward's remaining-epochs term depend on it): see :meth:`PolicySchedule.check_task`."""
 
 
 class PolicySchedule(Schedule):
-    """A trained stable-baselines3 model (optionally with VecNormalize statistics) as a schedule."""
+    """A trained stable-baselines3 model (optionally with VecNormalize statistics) as a schedule.
+
+    ``task``: the TaskConfig (as a dict) the model was trained on, when known; evaluating it in an environment
+    that differs in any field is a ValueError naming the fields (checked at every :meth:`reset`)."""
 
     def __init__(self, model: Any, *, name: str = "policy", env_config: dict | None = None,
-                 obs_rms: Any = None, clip_obs: float = 10.0, epsilon: float = 1e-8, source: str | None = None):
+                 obs_rms: Any = None, clip_obs: float = 10.0, epsilon: float = 1e-8, source: str | None = None,
+                 task: dict | None = None):
         super().__init__()
         self.model = model
         self.name = name
         self.source = source
         self.env_config = dict(env_config or {})
-        self.env_overrides = {k: self.env_config[k] for k in TASK_FIELDS_FROM_CONFIG
-                              if k in self.env_config and k != "action_mode"}
-        self.action_mode = self.env_config.get("action_mode", "log_bound")
+        self.task_config = dict(task) if task is not None else {k: self.env_config[k] for k in TASK_FIELDS
+                                                                  if k in self.env_config}
+        self.env_overrides = {k: self.task_config[k] for k in TASK_FIELDS_FROM_CONFIG
+                              if k in self.task_config and k != "action_mode"}
+        self.action_mode = self.task_config.get("action_mode", "log_bound")
         self.obs_rms, self.clip_obs, self.epsilon = obs_rms, float(clip_obs), float(epsilon)
 
     def check_spaces(self, observation_space: Any, action_space: Any) -> None:
@@ -342,6 +351,20 @@ class PolicySchedule(Schedule):
             raise ValueError(f"policy {self.name!r}: its spaces (observation {m_obs}, action {m_act}) do not match "
                              f"the evaluation environment's (observation {observation_space}, action {action_space}); "
                              "evaluate it with the env settings it was trained with (config.json 'env')")
+
+    def check_task(self, task: TaskConfig) -> None:
+        """Raise ValueError naming every TaskConfig field in which ``task`` differs from the policy's."""
+        from .policy_io import task_differences
+        diff = task_differences(self.task_config, task.to_dict())
+        if diff:
+            hint = " (evaluate with --budget {})".format(self.task_config["budget"]) if any(
+                d.startswith("budget:") for d in diff) else ""
+            raise ValueError(f"policy {self.name!r} was trained on a different decision problem than the evaluation "
+                             f"environment's: {'; '.join(diff)}{hint}")
+
+    def reset(self, oracle: LROracle, rng: np.random.Generator | None = None) -> None:
+        self.check_task(oracle.task)
+        super().reset(oracle, rng)
 
     def normalize(self, obs: np.ndarray) -> np.ndarray:
         if self.obs_rms is None:
@@ -366,7 +389,8 @@ class PolicySchedule(Schedule):
         return _act(np.asarray(action).reshape(-1)[0]), state
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "source": self.source, "env_config": self.env_config}
+        return {**super().describe(), "source": self.source, "env_config": self.env_config,
+                "task": self.task_config, "normalized": self.obs_rms is not None}
 
 
 def _load_sb3_model(path: str) -> Any:
@@ -381,9 +405,12 @@ def _load_sb3_model(path: str) -> Any:
 
 
 def load_policy(path: str | os.PathLike, name: str | None = None) -> PolicySchedule:
-    """Load a trained policy from a run directory (``model.zip``, ``config.json`` with the training
-    ``"env"`` kwargs, optional ``vecnormalize.pkl``) or from a bare model ``.zip`` (then the env
-    settings default to the environment's defaults)."""
+    """Load a trained policy from a run directory (its ``model.zip``) or from any model ``.zip``.
+
+    A model saved by lrenv carries its TaskConfig, env kwargs and VecNormalize statistics inside the archive
+    (:mod:`lrenv.policy_io`); they are used first. For a model without them, the run directory's
+    ``config.json`` ``"env"`` and ``vecnormalize.pkl`` are used, and without those the env defaults."""
+    from .policy_io import read_extras
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"policy not found: {path} (expected a run directory or a model .zip)")
@@ -391,19 +418,28 @@ def load_policy(path: str | os.PathLike, name: str | None = None) -> PolicySched
     model_path = os.path.join(path, "model.zip") if os.path.isdir(path) else path
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"no model.zip in run directory {path}")
-    env_config: dict = {}
-    cfg_path = os.path.join(run_dir, "config.json")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            env_config = json.load(f).get("env", {}) or {}
+    meta, vecnorm = read_extras(model_path)
+    task = None
+    if meta is not None:
+        env_config, task = {**meta.get("env", {}), **meta["task"]}, meta["task"]
+    else:
+        env_config = {}
+        cfg_path = os.path.join(run_dir, "config.json")
+        if os.path.isfile(cfg_path):
+            try:
+                with open(cfg_path) as f:
+                    env_config = json.load(f).get("env", {}) or {}
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        vn_path = os.path.join(run_dir, "vecnormalize.pkl")
+        if os.path.isfile(vn_path):
+            with open(vn_path, "rb") as f:
+                vecnorm = pickle.load(f)
     obs_rms, clip_obs, eps = None, 10.0, 1e-8
-    vn_path = os.path.join(run_dir, "vecnormalize.pkl")
-    if os.path.isfile(vn_path):
-        with open(vn_path, "rb") as f:
-            vn = pickle.load(f)
-        if getattr(vn, "norm_obs", True):
-            obs_rms = vn.obs_rms
-        clip_obs, eps = float(getattr(vn, "clip_obs", 10.0)), float(getattr(vn, "epsilon", 1e-8))
+    if vecnorm is not None:
+        if getattr(vecnorm, "norm_obs", True):
+            obs_rms = vecnorm.obs_rms
+        clip_obs, eps = float(getattr(vecnorm, "clip_obs", 10.0)), float(getattr(vecnorm, "epsilon", 1e-8))
     label = name or os.path.basename(os.path.normpath(run_dir if os.path.isdir(path) else path)).removesuffix(".zip")
     return PolicySchedule(_load_sb3_model(model_path), name=f"policy:{label}", env_config=env_config,
-                          obs_rms=obs_rms, clip_obs=clip_obs, epsilon=eps, source=path)
+                          obs_rms=obs_rms, clip_obs=clip_obs, epsilon=eps, source=path, task=task)

@@ -7,19 +7,23 @@ Read top to bottom: config -> environments -> model -> callbacks -> learn -> sav
     model.zip            the final policy (atomic write)
     vecnormalize.pkl     observation/reward normalisation statistics (when used)
     best_model.zip       best policy on the validation instances (lrenv evaluate reports on test ones)
+    interrupted.zip      the policy when training was stopped with Ctrl-C
     checkpoints/         periodic checkpoints (model + VecNormalize), used by --resume
     tb_1/                TensorBoard event files (view with `tensorboard --logdir runs`)
+
+Every model .zip carries its whole decision problem (TaskConfig, env kwargs, VecNormalize statistics;
+lrenv.policy_io), so each evaluates as trained. Settings are checked by one schema
+(lrenv.agents.validate) before anything is written; checkpoints, resume and TensorBoard continuity are
+crash-safe (lrenv.agents.checkpoints).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import glob
 import json
 import os
-import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,8 +33,14 @@ import numpy as np
 import torch
 import yaml
 
+from lrenv.agents.checkpoints import (CHECKPOINT_DIR, NoUsableCheckpoint, SafeCheckpointCallback, SaveBestCallback,
+                                      list_checkpoints, load_latest, remove_stale_temporaries, tensorboard_logger)
+from lrenv.agents.validate import (PPO_SCHEMA, VEC_KINDS, parse_policy_kwargs, validate_config,
+                                   validate_hyperparams)
+from lrenv.policy_io import save_policy
+
 HYPERPARAMS = Path(__file__).parent / "hyperparams" / "ppo.yml"
-VEC_KINDS = ("dummy", "subproc", "batched")
+TB_DIR = "tb_1"
 
 
 @dataclass
@@ -64,7 +74,7 @@ class TrainConfig:
     eval_episodes: int = 5
     """Validation instances per evaluation."""
     checkpoint_freq: int = 20_000
-    """Save a checkpoint every this many timesteps."""
+    """Save a checkpoint every this many timesteps (at the first rollout boundary past each multiple; 0 = none)."""
     runs_dir: str = "runs"
     """Parent directory of run directories."""
     progress: bool = True
@@ -78,47 +88,54 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- hyperparameters
+def _yaml_error(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def parse_override(text: str) -> tuple[str, object]:
     """``key:value`` (zoo style) -> (key, value), the value parsed as YAML (numbers, lists, dicts)."""
     if ":" not in text:
         raise ValueError(f"hyperparameter overrides are key:value, got {text!r}")
     key, value = text.split(":", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({_yaml_error(e)})") from None
 
 
 def load_hyperparams(problem: str, overrides: list[str] | None = None, path: str | Path = HYPERPARAMS) -> dict:
-    table = yaml.safe_load(Path(path).read_text())
+    """The family's hyperparameters from ``path`` with ``key:value`` overrides applied, checked against the schema
+    (lrenv.agents.validate): every error names the file, the override or the key."""
+    try:
+        table = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"--hyperparams {path}: cannot read it ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--hyperparams {path}: not valid YAML ({_yaml_error(e)})") from None
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise ValueError(f"--hyperparams {path}: expected a mapping of problem name -> hyperparameters")
     name = problem if problem in table else ("matrix" if os.path.splitext(problem)[1] else None)
     if name is None:
         from lrenv.problems import suggest
         raise ValueError(f"no hyperparameters for problem {problem!r} in {path}.{suggest(problem, table)}")
     hp = dict(table[name])
-    known = set(hp) | {"env_kwargs", "normalize", "policy_kwargs", "ent_coef", "vf_coef", "max_grad_norm",
-                       "target_kl", "use_sde", "sde_sample_freq", "clip_range_vf", "normalize_advantage"}
     for text in overrides or []:
         key, value = parse_override(text)
         if key.startswith("env_kwargs."):
             hp["env_kwargs"] = {**hp.get("env_kwargs", {}), key.split(".", 1)[1]: value}
             continue
-        if key not in known:
+        if key not in PPO_SCHEMA:
             from lrenv.problems import suggest
-            raise ValueError(f"unknown hyperparameter {key!r}.{suggest(key, known)}")
+            raise ValueError(f"unknown hyperparameter {key!r}.{suggest(key, PPO_SCHEMA)}")
         hp[key] = value
-    for key in ("n_envs", "n_timesteps", "n_steps", "batch_size"):
-        if key in hp:
-            hp[key] = int(hp[key])
-    if hp["n_envs"] < 1 or hp["n_timesteps"] < 1:
-        raise ValueError(f"n_envs and n_timesteps must be >= 1, got {hp['n_envs']}, {hp['n_timesteps']}")
-    return hp
+    try:
+        return validate_hyperparams(hp)
+    except ValueError as e:
+        raise ValueError(f"{e} (from {path} and the command-line overrides)") from None
 
 
 def _policy_kwargs(value) -> dict:
-    if isinstance(value, str):  # zoo files write "dict(net_arch=[64, 64])"
-        node = ast.parse(value, mode="eval").body
-        if not (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "dict"):
-            raise ValueError(f"policy_kwargs must be a mapping or 'dict(...)', got {value!r}")
-        value = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
-    return dict(value or {})
+    return parse_policy_kwargs(value)
 
 
 # ----------------------------------------------------------------------------- environments
@@ -186,21 +203,31 @@ def make_model(cfg: TrainConfig, venv, run_dir: Path):
 
 # ----------------------------------------------------------------------------- files
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from lrenv.policy_io import unique_tmp
+    tmp = unique_tmp(path)
+    try:
+        Path(tmp).write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
-def save_model(model, run_dir: Path, name: str = "model") -> None:
-    """Model (and VecNormalize statistics) written atomically: never a half-written file."""
-    tmp = run_dir / f".{name}.tmp.zip"
-    model.save(tmp)
-    os.replace(tmp, run_dir / f"{name}.zip")
+def task_of(venv) -> dict:
+    """The resolved TaskConfig (every field, the family's budget filled in) of a vector env's first env."""
+    return venv.get_attr("task", [0])[0].to_dict()
+
+
+def save_model(model, run_dir: Path, name: str = "model", *, task: dict | None = None, env: dict | None = None) -> None:
+    """Model with its task and VecNormalize statistics embedded (lrenv.policy_io), written atomically; the final
+    model also gets the SB3-style ``vecnormalize.pkl`` beside it (written first)."""
+    from lrenv.agents.checkpoints import atomic_write_bytes
+    from lrenv.policy_io import vecnormalize_bytes
     venv = model.get_vec_normalize_env()
     if venv is not None and name == "model":
-        tmp = run_dir / ".vecnormalize.tmp.pkl"
-        venv.save(tmp)
-        os.replace(tmp, run_dir / "vecnormalize.pkl")
+        atomic_write_bytes(run_dir / "vecnormalize.pkl", vecnormalize_bytes(venv))
+    save_policy(model, run_dir / f"{name}.zip", task=task if task is not None else task_of(model.get_env()),
+                env=env, vecnorm=venv)
 
 
 def write_config(cfg: TrainConfig, run_dir: Path, extra: dict | None = None) -> None:
@@ -214,63 +241,133 @@ def write_config(cfg: TrainConfig, run_dir: Path, extra: dict | None = None) -> 
     atomic_write_text(run_dir / "config.json", json.dumps(doc, indent=2, default=str))
 
 
+def read_config(run_dir: str | Path) -> dict:
+    """A run's config.json; a missing or damaged file is a ValueError/FileNotFoundError naming it."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --resume needs a run directory written by lrenv train")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the run's configuration is damaged, so it cannot be resumed "
+                         "(start a new run)") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("train"), dict):
+        raise ValueError(f"{path}: no 'train' section; not a config.json written by lrenv train")
+    return doc
+
+
 def latest_checkpoint(run_dir: Path) -> tuple[Path, Path | None, int]:
-    """The newest checkpoint of a run: (model zip, VecNormalize pickle or None, timesteps)."""
-    found = []
-    for path in glob.glob(str(run_dir / "checkpoints" / "rl_model_*_steps.zip")):
-        steps = int(re.search(r"rl_model_(\d+)_steps\.zip$", path).group(1))
-        found.append((steps, Path(path)))
+    """The newest checkpoint of a run: (model zip, VecNormalize pickle or None, timesteps); no loading (see
+    :func:`lrenv.agents.checkpoints.load_latest` for the newest *usable* one)."""
+    found = list_checkpoints(run_dir)
     if not found:
-        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}: the run was interrupted before its "
+        raise FileNotFoundError(f"no checkpoint in {run_dir / CHECKPOINT_DIR}: the run was interrupted before its "
                                 "first checkpoint; start it again without --resume")
-    steps, path = max(found)
-    pkl = run_dir / "checkpoints" / f"rl_model_vecnormalize_{steps}_steps.pkl"
+    steps, path = found[0]
+    pkl = run_dir / CHECKPOINT_DIR / f"rl_model_vecnormalize_{steps}_steps.pkl"
     return path, (pkl if pkl.exists() else None), steps
 
 
+def new_run_dir(cfg: TrainConfig) -> Path:
+    """The (not yet created) directory of a new run; inside ``runs_dir`` by construction (checked)."""
+    root = Path(cfg.runs_dir)
+    run_dir = root / f"{Path(cfg.problem).stem}__{cfg.exp}__{cfg.seed}__{int(time.time())}"
+    if root.resolve() not in run_dir.resolve().parents:
+        raise ValueError(f"--exp {cfg.exp!r}: the run directory {run_dir} would lie outside {root}")
+    return run_dir
+
+
+def completed_timesteps(run_dir: Path, doc: dict) -> int | None:
+    """Timesteps of a finished run (config.json has its result and model.zip exists), else None."""
+    result = doc.get("result") or {}
+    if "timesteps" in result and (run_dir / "model.zip").is_file():
+        return int(result["timesteps"])
+    return None
+
+
 # ----------------------------------------------------------------------------- training
-def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()) -> Path:
-    """Train (or resume) a run; returns its directory."""
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback, EvalCallback
+def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=(), *,
+          allow_missing_normalization: bool = False) -> Path:
+    """Train (or resume) a run; returns its directory.
+
+    Every setting is validated before anything is built; the run directory is created only once the model
+    exists. ``resume``: continue from the newest checkpoint that loads (a finished run only when
+    ``n_timesteps`` was raised, from its final model)."""
+    from stable_baselines3.common.callbacks import CallbackList, EvalCallback
 
     from lrenv.agents.callbacks import EpisodeStatsCallback, HParamCallback, ScheduleFigureCallback
 
+    validate_config(cfg)
     torch.set_num_threads(cfg.torch_threads)
     hp = cfg.hyperparams
     n_envs = hp["n_envs"]
     venv = make_vec_env(cfg, n_envs, "train", seed=cfg.seed)  # first: a bad config fails before any file is written
-    if resume is None:
-        run_dir = Path(cfg.runs_dir) / f"{Path(cfg.problem).stem}__{cfg.exp}__{cfg.seed}__{int(time.time())}"
-        run_dir.mkdir(parents=True, exist_ok=False)
-        write_config(cfg, run_dir)
-    else:
-        run_dir = Path(resume)
-
-    if resume is None:
-        venv = wrap_normalize(venv, hp)
-        model = make_model(cfg, venv, run_dir)
-        done = 0
-    else:
-        ckpt, pkl, done = latest_checkpoint(run_dir)
-        venv = wrap_normalize(venv, hp, path=str(pkl) if pkl else None)
-        model = PPO.load(ckpt, env=venv, device=cfg.device)
-        print(f"resuming {run_dir} from {ckpt.name} at {done} timesteps")
-
+    task, env = task_of(venv), cfg.env_kwargs
     from lrenv.problems import VALIDATION_SEEDS  # model selection never sees the test split
     eval_seeds = [VALIDATION_SEEDS[i] for i in range(cfg.eval_episodes)]
     eval_env = wrap_normalize(make_vec_env(cfg, 1, eval_seeds, seed=cfg.seed + 10_000), hp, training=False)
+    created, fresh = False, resume is None
+    try:
+        if resume is None:
+            run_dir = new_run_dir(cfg)
+            venv = wrap_normalize(venv, hp)
+            model = make_model(cfg, venv, run_dir)
+            run_dir.mkdir(parents=True, exist_ok=False)
+            created = True
+            write_config(cfg, run_dir)
+            done = 0
+        else:
+            run_dir = Path(resume)
+            doc = read_config(run_dir)
+            finished = completed_timesteps(run_dir, doc)
+            if finished is not None and finished >= hp["n_timesteps"]:
+                print(f"{run_dir} is complete ({finished} timesteps); nothing to do. To train it further, raise "
+                      f"n_timesteps: lrenv train --resume {run_dir} n_timesteps:{2 * finished}")
+                venv.close()
+                eval_env.close()
+                return run_dir
+            for stale in remove_stale_temporaries(run_dir):
+                print(f"removed {stale} (left by an interrupted write)", file=sys.stderr)
+            candidates = [p for _, p in list_checkpoints(run_dir)]
+            if finished is not None:
+                candidates.insert(0, run_dir / "model.zip")
+            model = None
+            try:
+                model, venv, source = load_latest(candidates, venv, normalize=hp.get("normalize", False),
+                                                  device=cfg.device,
+                                                  allow_missing_normalization=allow_missing_normalization)
+                done = int(model.num_timesteps)
+                print(f"resuming {run_dir} from {source.name} at {done} timesteps")
+            except NoUsableCheckpoint as e:
+                if candidates and not e.unreadable:
+                    raise
+            if model is None:  # no checkpoint, or only damaged ones: train it again from the start
+                venv = wrap_normalize(venv, hp)
+                model, done, fresh = make_model(cfg, venv, run_dir), 0, True
+                print(f"resuming {run_dir} at 0 timesteps: it has no loadable checkpoint, so it is trained again "
+                      "from the start")
+            write_config(cfg, run_dir, {k: doc[k] for k in ("result",) if k in doc})
+        # Resumed: TensorBoard drops the stopped run's events above the step resumed from (all of them at 0).
+        model.set_logger(tensorboard_logger(run_dir / TB_DIR, purge_step=None if resume is None else done + 1 if done
+                                            else 0))
+    except BaseException:
+        venv.close()
+        eval_env.close()
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained yet: leave no empty run behind
+        raise
+
     every = lambda steps: max(steps // n_envs, 1)  # noqa: E731  (callbacks count vector steps)
     callbacks = [
-        CheckpointCallback(every(cfg.checkpoint_freq), str(run_dir / "checkpoints"), name_prefix="rl_model",
-                           save_vecnormalize=True),
+        SafeCheckpointCallback(cfg.checkpoint_freq, run_dir / CHECKPOINT_DIR, task=task, env=env, start=done),
         EpisodeStatsCallback(),
         HParamCallback(cfg),
     ]
     if cfg.eval_freq > 0:
         callbacks += [
             EvalCallback(eval_env, n_eval_episodes=cfg.eval_episodes, eval_freq=every(cfg.eval_freq),
-                         best_model_save_path=str(run_dir), deterministic=True, verbose=0),
+                         callback_on_new_best=SaveBestCallback(run_dir / "best_model.zip", task=task, env=env),
+                         deterministic=True, verbose=0),
             ScheduleFigureCallback(cfg, eval_seeds[: min(3, len(eval_seeds))], every(cfg.eval_freq)),
         ]
     callbacks += list(extra_callbacks)
@@ -279,16 +376,18 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
     start = time.time()
     try:
         if remaining > 0:
-            model.learn(remaining, callback=CallbackList(callbacks), tb_log_name="tb",
-                        reset_num_timesteps=resume is None, progress_bar=cfg.progress)
+            model.learn(remaining, callback=CallbackList(callbacks), reset_num_timesteps=fresh,
+                        progress_bar=cfg.progress)
     except KeyboardInterrupt:
-        save_model(model, run_dir, "interrupted")
-        print(f"interrupted at {model.num_timesteps} timesteps; continue with: lrenv train --resume {run_dir}")
+        save_model(model, run_dir, "interrupted", task=task, env=env)
+        print(f"interrupted at {model.num_timesteps} timesteps (policy and statistics in {run_dir / 'interrupted.zip'}); "
+              f"continue from the last checkpoint with: lrenv train --resume {run_dir}")
         raise
     finally:
         venv.close()
         eval_env.close()
-    save_model(model, run_dir)
+        model.logger.close()
+    save_model(model, run_dir, task=task, env=env)
     write_config(cfg, run_dir, {"validation_instances": eval_seeds,
                                 "result": {"timesteps": int(model.num_timesteps), "wall_time_s": round(time.time() - start, 1)}})
     return run_dir
@@ -298,14 +397,15 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY:VALUE",
                    help="hyperparameter overrides in rl-zoo style, e.g. n_timesteps:50000 learning_rate:1e-3 "
-                        "env_kwargs.action_mode:paper")
+                        "env_kwargs.action_mode:paper (may come before or after the options)")
     p.add_argument("--problem", default="small", help="problem family name or path to a matrix file")
     p.add_argument("--problem-param", action="append", metavar="KEY=VALUE", help="family parameter (repeatable)")
-    p.add_argument("--exp", default="ppo", help="experiment name (part of the run directory name)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--exp", default="ppo", help="experiment name (part of the run directory name: letters, digits, "
+                   "'._+-')")
+    p.add_argument("--seed", type=int, default=0, help="random seed (>= 0)")
     p.add_argument("--hyperparams", default=str(HYPERPARAMS), help="YAML file of hyperparameters per family")
     p.add_argument("--vec", choices=VEC_KINDS, default="batched", help="vector env implementation")
-    p.add_argument("--device", default="cpu", help="torch device of the policy")
+    p.add_argument("--device", default="cpu", help="torch device of the policy (cpu, cuda, cuda:N, mps, auto)")
     p.add_argument("--env-device", default="cpu", help="torch device of the environments (batched env: cuda)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the policy (PPO) in this process")
     p.add_argument("--env-threads", type=int, default=1,
@@ -313,36 +413,94 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "busy machine)")
     p.add_argument("--eval-freq", type=int, default=10_000, help="held-out evaluation every N timesteps (0: off)")
     p.add_argument("--eval-episodes", type=int, default=5, help="held-out instances per evaluation")
-    p.add_argument("--checkpoint-freq", type=int, default=20_000, help="checkpoint every N timesteps")
+    p.add_argument("--checkpoint-freq", type=int, default=20_000,
+                   help="checkpoint every N timesteps, at the next rollout boundary (0: no checkpoints)")
     p.add_argument("--runs-dir", default="runs", help="where run directories are created")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its newest usable checkpoint; only n_timesteps:N (to extend "
+                        "a run), --device, --env-device, --threads, --env-threads and --no-progress may be given with it")
+    p.add_argument("--allow-missing-normalization", action="store_true",
+                   help="with --resume: accept a checkpoint whose VecNormalize statistics are missing (fresh ones)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from lrenv.problems import parse_problem_params
-    return TrainConfig(problem=args.problem, problem_params=parse_problem_params(args.problem_param), exp=args.exp,
-                       seed=args.seed, hyperparams=load_hyperparams(args.problem, args.overrides, args.hyperparams),
-                       vec=args.vec, device=args.device, env_device=args.env_device, torch_threads=args.threads,
-                       env_threads=args.env_threads, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes,
-                       checkpoint_freq=args.checkpoint_freq, runs_dir=args.runs_dir, progress=not args.no_progress)
+    cfg = TrainConfig(problem=args.problem, problem_params=parse_problem_params(args.problem_param), exp=args.exp,
+                      seed=args.seed, hyperparams=load_hyperparams(args.problem, args.overrides, args.hyperparams),
+                      vec=args.vec, device=args.device, env_device=args.env_device, torch_threads=args.threads,
+                      env_threads=args.env_threads, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes,
+                      checkpoint_freq=args.checkpoint_freq, runs_dir=args.runs_dir, progress=not args.no_progress)
+    validate_config(cfg)
+    return cfg
 
 
 def config_from_run(run_dir: str | Path) -> TrainConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: --resume needs a run directory written by lrenv train")
-    return TrainConfig(**json.loads(path.read_text())["train"])
+    doc = read_config(run_dir)
+    try:
+        return TrainConfig(**doc["train"])
+    except TypeError as e:
+        raise ValueError(f"{Path(run_dir) / 'config.json'}: its 'train' section does not match this lrenv version "
+                         f"({e})") from None
+
+
+RESUME_MAY_CHANGE = {"device": "device", "env_device": "env_device", "threads": "torch_threads",
+                     "env_threads": "env_threads"}
+"""Options that only say where and how fast to compute: a resumed run takes the new value."""
+RESUME_FIXED = {"problem": "problem", "exp": "exp", "seed": "seed", "vec": "vec", "eval_freq": "eval_freq",
+                "eval_episodes": "eval_episodes", "checkpoint_freq": "checkpoint_freq"}
+"""Options that define the run: given with --resume they must equal the run's value."""
+
+
+def apply_resume_args(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """Apply what may change on resume; refuse by name every other option or override that differs."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    default = vars(parser.parse_args([]))
+    option = lambda dest: "--" + dest.replace("_", "-")  # noqa: E731
+    for dest, fld in RESUME_MAY_CHANGE.items():
+        if getattr(args, dest) != default[dest]:
+            setattr(cfg, fld, getattr(args, dest))
+    for dest, fld in RESUME_FIXED.items():
+        value = getattr(args, dest)
+        if value != default[dest] and value != getattr(cfg, fld):
+            raise ValueError(f"{option(dest)} cannot change on --resume (the run has {getattr(cfg, fld)!r}, "
+                             f"given {value!r}); start a new run to change it")
+    if args.problem_param:
+        from lrenv.problems import parse_problem_params
+        given = parse_problem_params(args.problem_param)
+        if given != cfg.problem_params:
+            raise ValueError(f"--problem-param cannot change on --resume (the run has {cfg.problem_params}, "
+                             f"given {given}); start a new run to change it")
+    if args.hyperparams != default["hyperparams"]:
+        raise ValueError("--hyperparams cannot be given with --resume: the run's resolved hyperparameters are in its "
+                         "config.json")
+    for text in args.overrides or []:
+        key, value = parse_override(text)
+        if key == "n_timesteps":
+            hp = validate_hyperparams({**cfg.hyperparams, "n_timesteps": value})
+            cfg.hyperparams["n_timesteps"] = hp["n_timesteps"]
+            continue
+        current = (cfg.hyperparams.get("env_kwargs", {}).get(key.split(".", 1)[1]) if key.startswith("env_kwargs.")
+                   else cfg.hyperparams.get(key))
+        if value != current:
+            raise ValueError(f"{key} cannot change on --resume (the run has {current!r}, given {value!r}); only "
+                             "n_timesteps:N may be given, to extend a run")
+    cfg.progress = not args.no_progress
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
     if args.resume:
-        cfg = config_from_run(args.resume)
-        cfg.progress = not args.no_progress
+        cfg = apply_resume_args(config_from_run(args.resume), args)
     else:
+        if args.allow_missing_normalization:
+            raise ValueError("--allow-missing-normalization applies to --resume only")
         cfg = config_from_args(args)
     try:
-        run_dir = train(cfg, resume=args.resume)
+        run_dir = train(cfg, resume=args.resume, allow_missing_normalization=args.allow_missing_normalization)
+    except NoUsableCheckpoint as e:
+        raise ValueError(f"cannot resume {args.resume}: {e}") from None
     except KeyboardInterrupt:
         return 130
     print(f"saved {run_dir / 'model.zip'}; view the curves with: tensorboard --logdir {cfg.runs_dir}")
