@@ -385,20 +385,7 @@ class _RayExecutor:
                  num_cpus: int | None, max_concurrent: int | None):
         import ray
         self.ray = ray
-        self.started = False
-        if not ray.is_initialized():
-            env_vars = dict(THREAD_ENV)
-            runtime_env: dict[str, Any] = {"env_vars": env_vars}
-            if address:
-                import lrenv  # ship this lrenv to the cluster: workers run the driver's code (deps installed there)
-                runtime_env["py_modules"] = [os.path.dirname(lrenv.__file__)]
-                ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-            else:
-                if os.environ.get("PYTHONPATH"):  # local workers import what the driver imports
-                    env_vars["PYTHONPATH"] = os.environ["PYTHONPATH"]
-                ray.init(num_cpus=num_cpus or available_cores(), include_dashboard=False, log_to_driver=False,
-                         runtime_env=runtime_env)
-            self.started = True
+        self.started = init_ray(address=address, num_cpus=num_cpus)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.slots = max(1, min(cpus, max_concurrent or cpus))
         self.remote = ray.remote(num_cpus=1, max_retries=0)(run_trial)
@@ -425,6 +412,29 @@ class _RayExecutor:
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to Ray unless this process already is: an existing cluster at ``address``, else a local instance
+    on ``num_cpus`` (default: every core). Every task gets one thread per math library (``THREAD_ENV``). Local
+    workers import what this process imports (its PYTHONPATH); a cluster gets this lrenv package shipped with the
+    job (its dependencies must be installed there). Returns whether this call started the connection (the caller
+    then shuts it down)."""
+    import ray
+    if ray.is_initialized():
+        return False
+    env_vars = dict(THREAD_ENV)
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    if address:
+        import lrenv
+        runtime_env["py_modules"] = [os.path.dirname(lrenv.__file__)]
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        if os.environ.get("PYTHONPATH"):
+            env_vars["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        ray.init(num_cpus=num_cpus or available_cores(), include_dashboard=False, log_to_driver=False,
+                 runtime_env=runtime_env)
+    return True
 
 
 def available_cores() -> int:
