@@ -88,13 +88,17 @@ class Suite:
     description: str = ""
     bootstrap_reps: int = 2000
     """Stratified-bootstrap replications of the report's CIs (the report only: not part of any trial)."""
+    gpus_per_trial: float = 1.0
+    """Ray GPUs a training trial asks for when its ``train`` settings put the envs or the policy on CUDA
+    (``env_device: cuda``: the batched env steps all ``n_envs`` problems there); a fraction packs several
+    trials per GPU. Trials on CPU ask for none."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 SUITE_KEYS = {"description", "test_instances", "split", "seeds", "penalty", "families", "agents", "train",
-              "baselines", "bootstrap_reps"}
+              "baselines", "bootstrap_reps", "gpus_per_trial"}
 TRAIN_KEYS = {"eval_freq", "eval_episodes", "checkpoint_freq", "vec", "env_device", "device"}
 """TrainConfig fields a suite may set for all its agent trials (threads are fixed: one per trial)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -172,12 +176,16 @@ def parse_suite(doc: dict, name: str = "suite", source: str = "suite") -> Suite:
     if set(train) - TRAIN_KEYS:
         raise fail(f"'train' may set {sorted(TRAIN_KEYS)}, got {sorted(set(train) - TRAIN_KEYS)}")
     baselines = [str(b) for b in doc["baselines"]]
+    gpus = doc.get("gpus_per_trial", 1.0)
+    if not isinstance(gpus, (int, float)) or not 0 < gpus <= 8:
+        raise fail(f"'gpus_per_trial' must be a number in (0, 8], got {gpus!r}")
     reps = doc.get("bootstrap_reps", 2000)
     if not isinstance(reps, int) or reps < 100:
         raise fail(f"'bootstrap_reps' must be an integer >= 100, got {reps!r}")
     return Suite(name=name, families=families, agents=agents, seeds=list(seeds), baselines=baselines,
                  test_instances=n, split=str(doc.get("split", "test")), penalty=penalty, train=train,
-                 description=str(doc.get("description", "")), bootstrap_reps=reps)
+                 description=str(doc.get("description", "")), bootstrap_reps=reps,
+                 gpus_per_trial=float(gpus))
 
 
 # ----------------------------------------------------------------------------- trials
@@ -193,6 +201,8 @@ class Trial:
     seed: int | None
     spec: dict
     depends: tuple[str, ...] = ()
+    gpus: float = 0.0
+    """Ray GPU resources the trial asks for (training on CUDA only)."""
 
     @property
     def path(self) -> str:
@@ -207,6 +217,8 @@ def expand(suite: Suite) -> list[Trial]:
     """The suite's trials, training trials first (they take longest and others wait for them)."""
     trials: list[Trial] = []
     evals: list[Trial] = []
+    on_gpu = any(str(suite.train.get(k, "cpu")).startswith("cuda") for k in ("env_device", "device"))
+    gpus = suite.gpus_per_trial if on_gpu else 0.0
     for fam in suite.families:
         problem = {"problem": fam.problem, "problem_params": fam.params, "budget": fam.budget}
         evaluation = {**problem, "test_instances": suite.test_instances, "split": suite.split}
@@ -215,7 +227,7 @@ def expand(suite: Suite) -> list[Trial]:
                 tid = f"train/{fam.label}/{agent.name}/s{seed}"
                 trials.append(Trial(tid, "train", fam.label, agent.name, seed,
                                     {**problem, "overrides": agent.overrides, "env_kwargs": agent.env_kwargs,
-                                     "seed": seed, "train": suite.train}))
+                                     "seed": seed, "train": suite.train}, gpus=gpus))
                 evals.append(Trial(f"agent/{fam.label}/{agent.name}/s{seed}", "agent", fam.label, agent.name, seed,
                                    {**evaluation, "train_trial": tid}, depends=(tid,)))
         for method in suite.baselines:
@@ -269,7 +281,8 @@ def _evaluate_split_kwargs(split: str) -> dict:
 def _save_curves(path: Path, traces: dict) -> None:
     """Per-epoch losses of every run (method, instance), for the report's loss-curve figures."""
     import numpy as np
-    arrays = {f"{name}::{t.seed_index}": np.asarray(t.loss, dtype=np.float64) for name, ts in traces.items() for t in ts}
+    arrays = {f"{name}::{t.seed_index}": np.asarray(t.loss, dtype=np.float64)
+              for name, ts in traces.items() for t in ts}
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
@@ -393,7 +406,8 @@ class _RayExecutor:
         self.inflight: dict[Any, Trial] = {}
 
     def submit(self, trial: Trial) -> None:
-        ref = self.remote.options(name=trial.id).remote(trial.to_dict(), str(self.out_dir), self.faults)
+        ref = self.remote.options(name=trial.id, num_gpus=trial.gpus).remote(trial.to_dict(), str(self.out_dir),
+                                                                            self.faults)
         self.inflight[ref] = trial
 
     def wait(self) -> tuple[Trial, str, Any]:
@@ -491,7 +505,6 @@ def run_benchmark(suite: Suite | str | os.PathLike, out_dir: str | os.PathLike, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trials = expand(suite)
-    by_id = {t.id: t for t in trials}
     atomic_write_json(out / "suite.json", {"suite": suite.to_dict(), "trials": [t.to_dict() for t in trials]})
     status: dict[str, dict] = {}
     for t in trials:
@@ -503,7 +516,13 @@ def run_benchmark(suite: Suite | str | os.PathLike, out_dir: str | os.PathLike, 
     t0 = time.perf_counter()
     bar = tqdm(total=len(trials), initial=len(status), desc=f"benchmark {suite.name}", unit="trial",
                disable=not progress, file=sys.stderr)
-    say = log or (lambda s: tqdm.write(s, file=sys.stdout))
+    def say(line: str) -> None:  # one line per finished trial, flushed (a log file sees it at once)
+        if log is not None:
+            log(line)
+        else:
+            tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
+
     todo = [t for t in trials if t.id not in status]
     if todo:
         executor: Any = (_LocalExecutor(out, faults) if local else

@@ -201,7 +201,8 @@ def probability_of_improvement(agent: np.ndarray, baseline: np.ndarray, *, reps:
         p = float(metrics.probability_of_improvement(-x, -y))
         return {"poi": p, "ci95": [math.nan, math.nan] if reps is None else [p, p]}
     point, ci = _bootstrap(rly, {"p": (-x, -y)}, metrics.probability_of_improvement, reps, seed)
-    return {"poi": float(np.ravel(point["p"])[0]), "ci95": [float(np.ravel(ci["p"][0])[0]), float(np.ravel(ci["p"][1])[0])]}
+    lo, hi = (float(np.ravel(ci["p"][i])[0]) for i in (0, 1))
+    return {"poi": float(np.ravel(point["p"])[0]), "ci95": [lo, hi]}
 
 
 def performance_profiles(matrices: dict[str, np.ndarray], *, taus: np.ndarray = TAUS, reps: int = 1000,
@@ -368,7 +369,8 @@ def build_report(out_dir: str | os.PathLike, suite: dict, records: list[dict], *
     reps = int(reps or suite.get("bootstrap_reps", 2000))
     poi_reps = int(poi_reps or max(reps // 2, 100))
     rows, budgets = load_rows(out, records)
-    families = [{"label": f["label"], "budget": budgets[f["label"]]} for f in suite["families"] if f["label"] in budgets]
+    families = [{"label": f["label"], "budget": budgets[f["label"]]} for f in suite["families"]
+                if f["label"] in budgets]
     penalty = float(suite.get("penalty", 2.0))
     sm = score_matrices(rows, families, penalty)
     fam_labels = [f["label"] for f in families]
@@ -402,7 +404,8 @@ def build_report(out_dir: str | os.PathLike, suite: dict, records: list[dict], *
                                                                      reps=None)["poi"] for f in fam_labels}}
     result["probability_of_improvement"] = poi
     prof = performance_profiles({m: mats[m] for m in main}, reps=min(reps, 1000), seed=seed)
-    result["performance_profile"] = {"tau": TAUS.tolist(), "fraction_leq_tau": {m: v.tolist() for m, v in prof[0].items()}}
+    result["performance_profile"] = {"tau": TAUS.tolist(),
+                                     "fraction_leq_tau": {m: v.tolist() for m, v in prof[0].items()}}
 
     # success rates and per-trial summaries (TensorBoard rows)
     success = {}
