@@ -321,7 +321,7 @@ def _figures(out_dir: Path, main: list[str], iqm: dict, per_family: dict, famili
     for fam, by_method in curves.items():
         if by_method:
             fig = loss_curve_figure(by_method, target=targets.get(fam),
-                                    title=f"{fam}: learned vs baseline loss (median, 25-75 % over runs)")
+                                    title=f"{fam}: loss (median, 25-75 %)")
             save_figure(fig, str(fig_dir / f"loss_curves_{fam}.png"))
             written.append(f"figures/loss_curves_{fam}.png")
     return written
