@@ -1,0 +1,245 @@
+"""lrenv benchmark: suites, trials on Ray with resume after a killed worker, and the rliable report's numbers."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lrenv.benchmark import MARKER, expand, load_suite, parse_suite, run_benchmark
+from lrenv.benchmark_report import BEST_FIXED, build_report, epochs_value, final_loss_value
+from lrenv.evaluate import read_results_csv, write_json, write_results_csv
+from lrenv.metrics import RESULT_COLUMNS
+
+
+# ----------------------------------------------------------------------------- suites
+def test_shipped_suites_expand_to_the_trials_they_name():
+    smoke = load_suite("smoke")
+    trials = expand(smoke)
+    kinds = [t.kind for t in trials]
+    assert kinds.count("train") == kinds.count("agent") == len(smoke.seeds) * len(smoke.agents) * len(smoke.families)
+    assert kinds.count("baseline") == len(smoke.baselines) * len(smoke.families)
+    agent = next(t for t in trials if t.kind == "agent")
+    assert agent.depends == (f"train/{agent.family}/{agent.method}/s{agent.seed}",)
+    assert all(t.gpus == 0 for t in trials)
+    gpu = parse_suite({"families": {"small": {}}, "agents": {"ppo": {}}, "baselines": ["cosine"],
+                       "train": {"env_device": "cuda"}, "gpus_per_trial": 0.25})
+    assert {t.kind: t.gpus for t in expand(gpu)} == {"train": 0.25, "agent": 0.0, "baseline": 0.0}
+    core = load_suite("core")
+    assert {f.label for f in core.families} == {"small", "medium", "sales", "tutorial", "illcond", "digits"}
+    assert len(core.seeds) == 5
+
+
+def test_suite_errors_name_the_problem():
+    base = {"families": {"small": {}}, "baselines": ["fixed-scale"]}
+    with pytest.raises(ValueError, match="unknown keys.*'seed'"):
+        parse_suite({**base, "seed": 1})
+    with pytest.raises(ValueError, match="'baselines' is missing"):
+        parse_suite({"families": {"small": {}}})
+    with pytest.raises(ValueError, match="override 'n_timesteps' is not key:value"):
+        parse_suite({**base, "agents": {"ppo": {"overrides": ["n_timesteps"]}}})
+    with pytest.raises(ValueError, match="budget must be a positive integer"):
+        parse_suite({**base, "families": {"small": {"budget": 0}}})
+    with pytest.raises(ValueError, match="unknown suite 'smok'.*shipped suites are core, smoke"):
+        load_suite("smok")
+
+
+# ----------------------------------------------------------------------------- the report on a toy table
+def _rows(method, ett, budget, finals=None, diverged=()):
+    rows = []
+    for i, e in enumerate(ett):
+        row = {c: 0.0 for c in RESULT_COLUMNS}
+        reached = e is not None
+        final = (finals or [1.0] * len(ett))[i]
+        row.update(method=method, seed_index=i, instance=1_000_000 + i, epochs=e if reached else budget,
+                   reached_target=reached, diverged=i in diverged, epochs_to_target=float(e) if reached else math.nan,
+                   final_loss=math.inf if i in diverged else final, initial_loss=10.0, target_loss=0.5,
+                   extra_loss_evals=0)
+        rows.append(row)
+    return rows
+
+
+def _write_trial(out: Path, rec: dict, rows: list[dict], budget: int) -> dict:
+    d = out / rec["path"] / "eval"
+    d.mkdir(parents=True)
+    write_results_csv(str(d / "results.csv"), rows)
+    write_json(str(d / "config.json"), {"budget": budget})
+    return {**rec, "status": "done", "wall_s": 1.0, "cpu_s": 1.0}
+
+
+def test_report_numbers_match_a_hand_computation(tmp_path):
+    """IQM and probability of improvement on a toy table, computed by hand below.
+
+    budget 10, penalty 2 (a miss counts 20 epochs). Fixed c=1: 4, 5, 8, miss -> mean 9.25; fixed c=0.5: 8, 10, 10,
+    10 -> 9.5, so c=1 is the normaliser (4, 5, 8, 20). cosine 2, 5, 4, 10 -> scores .5, 1, .5, .5. ppo seed 0: 2, 10,
+    8, 10 -> .5, 2, 1, .5; seed 1: 4, miss, 4, 5 -> 1, 4, .5, .25. The IQM of ppo's 8 scores drops 2 at each end of
+    (.25 .5 .5 .5 1 1 2 4): (.5 + .5 + 1 + 1) / 4 = 0.75. P(ppo < cosine) per instance (ties 1/2): .25, 0, .25, .75 ->
+    0.3125; P(ppo < best fixed = 1): .75, 0, .75, 1 -> 0.625."""
+    budget = 10
+    suite = {"name": "toy", "penalty": 2.0, "families": [{"label": "toy"}], "agents": [{"name": "ppo"}],
+             "bootstrap_reps": 500}
+    recs = []
+    base = lambda m: {"id": f"baseline/toy/{m}", "path": f"baseline/toy/{m}", "kind": "baseline",  # noqa: E731
+                      "family": "toy", "method": m, "seed": None}
+    recs.append(_write_trial(tmp_path, base("fixed-scale"), _rows("fixed c=1", [4, 5, 8, None], budget,
+                                                                  finals=[2.0, 2.0, 4.0, 8.0])
+                             + _rows("fixed c=0.5", [8, 10, 10, 10], budget), budget))
+    recs.append(_write_trial(tmp_path, base("cosine"), _rows("cosine", [2, 5, 4, 10], budget,
+                                                             finals=[1.0, 1.0, 1.0, 1.0], diverged=(3,)), budget))
+    for seed, ett in ((0, [2, 10, 8, 10]), (1, [4, None, 4, 5])):
+        rec = {"id": f"agent/toy/ppo/s{seed}", "path": f"agent/toy/ppo/s{seed}", "kind": "agent", "family": "toy",
+               "method": "ppo", "seed": seed}
+        recs.append(_write_trial(tmp_path, rec, _rows("policy:ppo", ett, budget), budget))
+    rep = build_report(tmp_path, suite, recs, figures=False, tensorboard=False)
+
+    assert rep["normaliser"]["toy"]["epochs"] == "fixed c=1"
+    ep = rep["scores"]["epochs"]["overall"]
+    assert ep["ppo"]["iqm"] == pytest.approx(0.75)
+    assert ep["ppo"]["runs"] == 2 and ep["ppo"]["tasks"] == 4
+    lo, hi = ep["ppo"]["ci95"]
+    assert lo <= 0.75 <= hi and lo < hi  # two training seeds: a real interval
+    assert ep[BEST_FIXED]["iqm"] == 1.0
+    # cosine's scores .5 1 .5 .5: the IQM of 4 values keeps the middle 2: (.5 + .5) / 2
+    assert ep["cosine"]["iqm"] == pytest.approx(0.5) and ep["cosine"]["ci95"] == [pytest.approx(0.5)] * 2
+    # fixed c=0.5 against c=1: 8/4, 10/5, 10/8, 10/20 -> sorted .5 1.25 2 2 -> IQM (1.25 + 2) / 2
+    assert ep["fixed c=0.5"]["iqm"] == pytest.approx(1.625)
+    poi = rep["probability_of_improvement"]
+    assert poi["ppo vs cosine"]["overall"]["poi"] == pytest.approx(0.3125)
+    assert poi[f"ppo vs {BEST_FIXED}"]["overall"]["poi"] == pytest.approx(0.625)
+    lo, hi = poi["ppo vs cosine"]["overall"]["ci95"]
+    assert lo <= 0.3125 <= hi
+    # final-loss score: cosine's diverged instance counts 100 x its initial loss (10) against c=1's final 8
+    fl = rep["scores"]["final_loss"]["overall"]
+    assert rep["normaliser"]["toy"]["final_loss"] == "fixed c=0.5"  # finals 1,1,1,1 beat 2,2,4,8 in geometric mean
+    assert fl["cosine"]["iqm"] == pytest.approx(1.0)  # 1, 1, 1, 1000 -> middle two are 1
+    assert rep["success_rate"]["ppo"] == pytest.approx(7 / 8)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["scores"]["epochs"]["overall"]["ppo"]["iqm"] == pytest.approx(0.75)
+    assert "| ppo | 2 | 0.750 [" in (tmp_path / "report.md").read_text()
+
+
+def test_score_rules():
+    row = {"epochs_to_target": 0.0, "reached_target": True, "final_loss": 3.0, "diverged": False, "initial_loss": 5.0}
+    assert epochs_value(row, 50, 2.0) == 1.0  # a start below the target counts one epoch, not 0/0
+    assert epochs_value({**row, "reached_target": False, "epochs_to_target": math.nan}, 50, 2.0) == 100.0
+    assert final_loss_value({**row, "diverged": True, "final_loss": math.nan}) == 500.0
+
+
+# ----------------------------------------------------------------------------- running suites
+TINY = {"description": "two tiny trials per kind", "test_instances": 2, "seeds": [0], "penalty": 2.0,
+        "families": {"toy": {"problem": "small", "params": {"m": 40, "n": 12, "rank": 2, "target_factor": 1.1},
+                             "budget": 30}},
+        "agents": {"ppo": {"overrides": ["n_timesteps:256", "n_envs:2", "n_steps:64", "batch_size:64", "n_epochs:1"]}},
+        "train": {"eval_freq": 0, "checkpoint_freq": 100000},
+        "baselines": ["fixed-c=0.5", "fixed-c=1", "cosine"], "bootstrap_reps": 100}
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    from lrenv.benchmark import init_ray
+    started = init_ray(num_cpus=2)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+    assert not ray.is_initialized()
+
+
+def test_killed_worker_then_rerun_completes_and_leaves_other_trials_untouched(tmp_path, ray_local):
+    suite_file = tmp_path / "tiny.yml"
+    suite_file.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    # the training trial's worker process dies (os._exit) after training, before its completion marker
+    first = run_benchmark(suite_file, out, progress=False, faults={"train/toy/ppo/s0": "exit"}, log=lambda s: None)
+    status = {t["id"]: t for t in first.trials}
+    assert status["train/toy/ppo/s0"]["status"] == "failed"
+    error = status["train/toy/ppo/s0"]["error"].lower()
+    assert "died" in error or "crash" in error  # Ray's WorkerCrashedError, reported as the trial's error
+    assert status["agent/toy/ppo/s0"]["status"] == "blocked"
+    baselines = [t for t in first.trials if t["kind"] == "baseline"]
+    assert all(t["status"] == "done" for t in baselines) and len(baselines) == 3
+    assert (out / "train/toy/ppo/s0/run/model.zip").exists()  # the work was done: only the marker is missing
+    assert not (out / "train/toy/ppo/s0" / MARKER).exists()
+    assert first.report is not None and first.report["complete"] is False
+    assert "did not finish" in (out / "report.md").read_text()
+    marker = json.loads((out / "baseline/toy/cosine" / MARKER).read_text())
+    assert marker["torch_threads"] == 1 and marker["omp_num_threads"] == "1"
+    assert marker["lrenv"] == os.path.dirname(__import__("lrenv").__file__)  # workers run this checkout's code
+    before = {t["path"]: _snapshot(out / t["path"]) for t in baselines}
+
+    second = run_benchmark(suite_file, out, progress=False, log=lambda s: None)
+    assert all(t["status"] == "done" for t in second.trials)
+    assert {t["id"] for t in second.trials if not t["reused"]} == {"train/toy/ppo/s0", "agent/toy/ppo/s0"}
+    for path, snap in before.items():
+        assert _snapshot(out / path) == snap, f"{path} was rewritten"
+    assert not (out / "train/toy/ppo/s0/failed.json").exists()
+    assert second.report["complete"] is True
+    assert set(second.report["scores"]["epochs"]["overall"]) == {"ppo", BEST_FIXED, "cosine", "fixed c=0.5",
+                                                                 "fixed c=1"}
+
+
+def test_local_mode_reports_a_failing_trial_and_resumes(tmp_path, capsys):
+    doc = {**TINY, "agents": {}, "baselines": ["fixed-c=1", "cosine"]}
+    out = tmp_path / "out"
+    first = run_benchmark(parse_suite(doc, name="tiny"), out, local=True, progress=False,
+                          faults={"baseline/toy/cosine": "raise"})
+    printed = capsys.readouterr().out
+    assert "FAILED   baseline/toy/cosine: RuntimeError: fault injected into trial baseline/toy/cosine" in printed
+    assert "done     baseline/toy/fixed-c=1" in printed
+    assert [t["id"] for t in first.failed] == ["baseline/toy/cosine"]
+    assert json.loads((out / "baseline/toy/cosine/failed.json").read_text())["error"].startswith("RuntimeError")
+    second = run_benchmark(parse_suite(doc, name="tiny"), out, local=True, progress=False)
+    assert not second.failed and [t["id"] for t in second.trials if not t["reused"]] == ["baseline/toy/cosine"]
+    # a finished trial is never reused under a different configuration
+    changed = {**doc, "families": {"toy": {**doc["families"]["toy"], "budget": 31}}}
+    with pytest.raises(ValueError, match="finished with a different configuration"):
+        run_benchmark(parse_suite(changed, name="tiny"), out, local=True, progress=False)
+
+
+@pytest.mark.slow
+def test_smoke_suite_runs_on_ray_and_its_report_matches_its_trials(tmp_path, ray_local):
+    """`lrenv benchmark smoke` end to end (CLI), then the report's IQM and probability of improvement recomputed by
+    hand from the trials' own results.csv files."""
+    from lrenv.cli import main
+    out = tmp_path / "smoke"
+    assert main(["benchmark", "smoke", "--out", str(out), "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["complete"] and rep["suite"] == "smoke"
+    for name in ("performance_profile.png", "iqm_per_family.png", "loss_curves_small.png"):
+        assert (out / "figures" / name).stat().st_size > 1000, name
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    mux = EventMultiplexer().AddRunsFromDirectory(str(out / "tb"))
+    mux.Reload()
+    assert len([r for r in mux.Runs() if r]) >= 8  # one HParams run per trial
+
+    suite = load_suite("smoke")
+    budget, penalty = suite.families[0].budget, suite.penalty
+    def ett(r):  # noqa: E306
+        return max(r["epochs_to_target"] if r["reached_target"] else penalty * budget, 1.0)
+    fixed = read_results_csv(str(out / "baseline/small/fixed-scale/eval/results.csv"))
+    by = {}
+    for r in fixed:
+        by.setdefault(r["method"], []).append(r)
+    best = min(by, key=lambda m: np.mean([ett(r) for r in by[m]]))
+    assert rep["normaliser"]["small"]["epochs"] == best
+    norm = {r["seed_index"]: ett(r) for r in by[best]}
+    scores = np.array([[ett(r) / norm[r["seed_index"]]
+                        for r in read_results_csv(str(out / f"agent/small/ppo/s{s}/eval/results.csv"))]
+                       for s in suite.seeds])
+    flat = np.sort(scores.ravel())
+    k = len(flat) // 4
+    assert rep["scores"]["epochs"]["overall"]["ppo"]["iqm"] == pytest.approx(flat[k:len(flat) - k].mean())
+    cosine = {r["seed_index"]: ett(r) / norm[r["seed_index"]]
+              for r in read_results_csv(str(out / "baseline/small/cosine/eval/results.csv"))}
+    per_task = [np.mean([1.0 if a < cosine[j] else 0.5 if a == cosine[j] else 0.0 for a in scores[:, j]])
+                for j in range(scores.shape[1])]
+    assert rep["probability_of_improvement"]["ppo vs cosine"]["overall"]["poi"] == pytest.approx(np.mean(per_task))
