@@ -12,6 +12,7 @@ import sys
 
 SUBCOMMANDS = {
     "episode": ("lrenv.episode", "run one episode on a problem with a simple schedule and print the curve"),
+    "tune": ("lrenv.tune", "tune the baselines' settings on validation instances (for evaluate --methods tuned)"),
     "evaluate": ("lrenv.evaluate", "score schedules (baselines and trained agents) on held-out instances"),
     "train": ("lrenv.agents.train", "train a PPO agent that picks the learning rate"),
     "bench": ("lrenv.agents.bench", "measure environment and training throughput against the hardware"),

@@ -84,6 +84,26 @@ PARAMETRIC = {"fixed-lr": FixedLR, "fixed-c": FixedScale}
 """``fixed-lr=0.01`` and ``fixed-c=1.3`` name one fixed schedule."""
 
 
+def expand_tuned(methods: Iterable[Method | str] | str, problem: str, tuned: str | None = None
+                 ) -> tuple[list[Method | str], dict[str, dict]]:
+    """Replace ``tuned`` (every tuned baseline of the family) and ``tuned:NAME`` (one) by the tuned schedules of
+    the family's shipped settings (or of the file ``tuned``); returns the methods and the tuned solvers' options."""
+    from .tune import load_tuned, tuned_methods
+    if isinstance(methods, str):
+        methods = [s.strip() for s in methods.split(",") if s.strip()]
+    out: list[Method | str] = []
+    options: dict[str, dict] = {}
+    for m in methods:
+        if isinstance(m, str) and (m == "tuned" or m.startswith("tuned:")):
+            doc = load_tuned(problem, tuned)
+            found, opts = tuned_methods(doc, m.split(":", 1)[1] if ":" in m else None)
+            out.extend(found)
+            options.update(opts)
+        else:
+            out.append(m)
+    return out, options
+
+
 def method_name(m: Method) -> str:
     return m if isinstance(m, str) else m.name
 
@@ -112,7 +132,7 @@ def resolve_methods(methods: Iterable[Method | str] | str, grid: Sequence[float]
             except ValueError as e:
                 raise ValueError(f"bad method {m!r}: {e}") from e
         else:
-            known = [*REGISTRY, "all", *(f"{k}=" for k in PARAMETRIC)]
+            known = [*REGISTRY, "all", "tuned", "tuned:", *(f"{k}=" for k in PARAMETRIC)]
             close = difflib.get_close_matches(m, known, n=1, cutoff=0.5)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown method {m!r}.{hint} Known methods: {', '.join(known)} "
@@ -400,7 +420,8 @@ def evaluate(methods: Iterable[Method] | str = "all", problem: str = DEFAULT_PRO
              progress: bool = True, *, seed: int = 0, grid: Sequence[float] | None = None, dtype: str = "float32",
              num_blocks: int | None = None, save: bool = True, tensorboard: bool = True,
              solver_options: dict[str, dict] | None = None, verbose: bool = True,
-             threads: int | None = 1, split: str = "test", batched: bool = True) -> EvalResult:
+             threads: int | None = 1, split: str = "test", batched: bool = True,
+             tuned: str | None = None) -> EvalResult:
     """Run every method on the instances ``SPLITS[split][:seeds]`` and score them.
 
     ``methods``: schedules, solver names or registry names (``'all'``: every method applicable to the
@@ -412,6 +433,8 @@ def evaluate(methods: Iterable[Method] | str = "all", problem: str = DEFAULT_PRO
     10-1000x; None keeps torch's setting).
     """
     _validate(seeds, budget, grid, split)
+    methods, tuned_options = expand_tuned(methods, problem, tuned)
+    solver_options = {**tuned_options, **(solver_options or {})}
     from threadpoolctl import threadpool_limits
     previous = torch.get_num_threads()
     if threads is not None:
@@ -590,6 +613,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", metavar="PATH", default=[],
                    help="a trained agent: run directory (model.zip, config.json, vecnormalize.pkl) or model .zip; "
                         "adds one row per model (repeatable)")
+    p.add_argument("--tuned", default=None, metavar="FILE",
+                   help="tuned settings for --methods tuned / tuned:NAME (default: the family's shipped "
+                        "lrenv/tuned/<family>.yml, written by lrenv tune)")
     p.add_argument("--seeds", type=int, default=10, help="number of instances of the split")
     p.add_argument("--split", default="test", choices=[*SPLITS],
                    help="instances to score on: test (report), validation (tune, select), train")
@@ -609,7 +635,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    methods: list[Method] = list(resolve_methods(args.methods, parse_grid(args.grid))) if args.methods else []
+    names, solver_options = expand_tuned(args.methods or [], args.problem, args.tuned)
+    methods: list[Method] = list(resolve_methods(names, parse_grid(args.grid))) if names else []
     for path in args.model:
         methods.append(load_policy(path))
     if not methods:
@@ -617,5 +644,5 @@ def run(args: argparse.Namespace) -> int:
     evaluate(methods, problem=args.problem, problem_params=parse_problem_params(args.problem_param), seeds=args.seeds,
              split=args.split, budget=args.budget, device=args.device, out_dir=args.out, progress=not args.no_progress, seed=args.seed,
              grid=parse_grid(args.grid), tensorboard=not args.no_tensorboard, threads=args.threads or None,
-             batched=not args.one_at_a_time)
+             batched=not args.one_at_a_time, tuned=args.tuned, solver_options=solver_options)
     return 0

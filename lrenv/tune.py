@@ -1,0 +1,233 @@
+"""``lrenv tune``: tune every baseline's settings on the *validation* split, never on the reported one.
+
+Each tunable baseline has a small grid (:data:`SEARCH_SPACES`); every setting runs on the same validation
+instances through the evaluation harness (schedules that need only the observation run together in batched
+engines), and the setting with the best score wins. Score of one run: epochs to target, or twice the budget
+when the target is not reached (diverged runs too), the same convention as ``lrenv benchmark``; a setting's
+score is the mean over instances, ties broken by the mean of log10(best loss / target) (which also ranks
+settings on families where nothing reaches the target).
+
+The chosen settings go to a YAML file (``--out``); ``lrenv evaluate --methods tuned`` (or
+``tuned:cosine`` for one) reads the file shipped for the family (``lrenv/tuned/<family>.yml``) or the one
+given with ``--tuned FILE``. The file also records each baseline's score at its default setting, so
+"how much tuning moved each baseline" is in the file and in the printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import yaml
+
+from .problems import DEFAULT_PROBLEM, parse_problem_params
+from .schedules import Armijo, CosineDecay, FixedScale, RandomWalkBound, Schedule, TwoPhase
+
+TUNED_DIR = Path(__file__).parent / "tuned"
+"""The tuned settings shipped for the built-in families (``<family>.yml``)."""
+MISS_FACTOR = 2.0
+"""A run that misses the target scores this many budgets (as in lrenv benchmark)."""
+
+
+def _grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
+    """Every combination of the axes, as keyword dicts."""
+    out: list[dict[str, Any]] = [{}]
+    for key, values in axes.items():
+        out = [{**d, key: v} for d in out for v in values]
+    return out
+
+
+SEARCH_SPACES: dict[str, tuple[Callable[..., Schedule] | str, list[dict[str, Any]], dict[str, Any]]] = {
+    # name: (schedule class or solver name, grid of settings, default setting)
+    "fixed-c": (FixedScale, _grid(c=[0.2, 0.4, 0.6, 0.8, 1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 1.9]), {"c": 1.1}),
+    "cosine": (CosineDecay, _grid(peak=[0.3, 0.4, 0.5, 0.55, 0.65, 0.8], final=[0.02, 0.1]),
+               {"peak": 0.55, "final": 0.05}),
+    "two-phase": (TwoPhase, _grid(c_high=[0.8, 1.1, 1.3, 1.6], c_low=[0.4, 0.8], switch=[0.3, 0.6]),
+                  {"c_high": 1.1, "c_low": 0.8, "switch": 0.5}),
+    "random-walk": (RandomWalkBound, [g for g in _grid(center=[0.3, 0.4, 0.5], width=[0.25, 0.5])
+                                      if g["center"] * (1 + g["width"]) <= 1.0], {"center": 0.5, "width": 0.5}),
+    "armijo": (Armijo, _grid(c=[0.1, 0.3, 0.5], shrink=[0.5, 0.7]), {"c": 0.5, "shrink": 0.5}),
+    "adam": ("adam", _grid(lr_rel=[0.005, 0.02, 0.05, 0.1]), {"lr_rel": 0.02}),
+}
+"""Tunable baselines: the grids searched by ``lrenv tune`` (scales in units of the bound 2/L, c = 2 x scale)."""
+
+
+def _label(params: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def make_tuned(method: str, params: dict[str, Any]) -> Schedule:
+    """The schedule of a tuned baseline with its settings, named ``<method> (tuned)`` (fixed-c keeps its c)."""
+    factory = SEARCH_SPACES[method][0]
+    if isinstance(factory, str):
+        raise ValueError(f"{method} is an outside solver: its tuned settings are solver options")
+    schedule = factory(**params)
+    schedule.name = f"fixed c={params['c']:g} (tuned)" if method == "fixed-c" else f"{method} (tuned)"
+    return schedule
+
+
+def run_scores(rows: list[dict], budget: int) -> tuple[float, float]:
+    """(mean score, mean log10 best/target) of one setting's runs (see the module docstring)."""
+    score = [r["epochs_to_target"] if r["reached_target"] else MISS_FACTOR * budget for r in rows]
+    with np.errstate(all="ignore"):
+        gap = [math.log10(r["best_loss"] / r["target_loss"]) if r["best_loss"] and r["best_loss"] > 0
+               and not r["diverged"] else 10.0 for r in rows]
+    gap = [g if math.isfinite(g) else 10.0 for g in gap]
+    return float(np.mean(score)), float(np.mean(gap))
+
+
+def tune(problem: str = DEFAULT_PROBLEM, problem_params: dict | None = None, *, methods: Sequence[str] | None = None,
+         seeds: int = 5, budget: int | None = None, seed: int = 0, out: str | os.PathLike | None = None,
+         progress: bool = True, verbose: bool = True) -> dict[str, Any]:
+    """Tune the baselines ``methods`` (default: all of :data:`SEARCH_SPACES` that apply) on ``seeds``
+    validation instances of the family; returns the document written to ``out`` (YAML, atomically)."""
+    from .evaluate import _atomic_write, evaluate
+    from .metrics import Trace  # noqa: F401  (documentation link)
+
+    names = list(methods or SEARCH_SPACES)
+    unknown = [m for m in names if m not in SEARCH_SPACES]
+    if unknown:
+        raise ValueError(f"cannot tune {unknown}: tunable baselines are {', '.join(SEARCH_SPACES)}")
+    common = dict(problem=problem, problem_params=problem_params, seeds=seeds, budget=budget, seed=seed,
+                  split="validation", save=False, progress=progress, verbose=False)
+    doc: dict[str, Any] = {"problem": problem, "problem_params": dict(problem_params or {}), "split": "validation",
+                           "seeds": seeds, "seed": seed, "miss_score": f"{MISS_FACTOR:g} x budget",
+                           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                           "methods": {}, "skipped": {}}
+    schedules: list[Schedule] = []
+    owner: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name in names:
+        factory, grid, default = SEARCH_SPACES[name]
+        if isinstance(factory, str):
+            continue
+        settings = grid if default in grid else [default, *grid]
+        for params in settings:
+            s = factory(**params)
+            s.name = f"{name}[{_label(params)}]"
+            owner[s.name] = (name, params)
+            schedules.append(s)
+    results: dict[str, list[tuple[dict[str, Any], tuple[float, float]]]] = {n: [] for n in names}
+    if schedules:
+        res = evaluate(schedules, **common)
+        doc["family"], doc["budget"] = res.config["family"], res.config["budget"]
+        by: dict[str, list[dict]] = {}
+        for r in res.rows:
+            by.setdefault(r["method"], []).append(r)
+        for key, rows in by.items():
+            name, params = owner[key]
+            results[name].append((params, run_scores(rows, res.config["budget"])))
+    for name in names:  # outside solvers: one evaluation per setting (their settings are solver options)
+        factory, grid, default = SEARCH_SPACES[name]
+        if not isinstance(factory, str):
+            continue
+        settings = grid if default in grid else [default, *grid]
+        for params in settings:
+            try:
+                res = evaluate([factory], solver_options={factory: params}, **common)
+            except ValueError as e:  # the solver does not apply to this family
+                doc["skipped"][name] = str(e)
+                break
+            doc["family"], doc["budget"] = res.config["family"], res.config["budget"]
+            results[name].append((params, run_scores(res.rows, res.config["budget"])))
+    for name, found in results.items():
+        if not found:
+            continue
+        default = SEARCH_SPACES[name][2]
+        best_params, best = min(found, key=lambda t: t[1])
+        at_default = next(s for p, s in found if p == default)
+        doc["methods"][name] = {"params": dict(best_params), "score": round(best[0], 3),
+                                "log10_gap": round(best[1], 4), "default_params": dict(default),
+                                "default_score": round(at_default[0], 3), "settings_tried": len(found)}
+    if not doc["skipped"]:
+        del doc["skipped"]
+    text = yaml.safe_dump(doc, sort_keys=False)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(str(out), text)
+    if verbose:
+        print(tuning_markdown(doc))
+        if out is not None:
+            print(f"tuned settings in {out}")
+    return doc
+
+
+def tuning_markdown(doc: dict[str, Any]) -> str:
+    """How much tuning moved each baseline, as a Markdown table."""
+    lines = [f"### tuned on {doc['seeds']} validation instances of {doc.get('family', doc['problem'])} "
+             f"(score: epochs to target, {doc['miss_score']} when missed; lower is better)", "",
+             "| baseline | tuned setting | score | default setting | default score | settings tried |",
+             "|---|---|---|---|---|---|"]
+    for name, m in doc["methods"].items():
+        lines.append(f"| {name} | {_label(m['params'])} | {m['score']:.1f} | {_label(m['default_params'])} | "
+                     f"{m['default_score']:.1f} | {m['settings_tried']} |")
+    return "\n".join(lines) + "\n"
+
+
+def load_tuned(problem: str, path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The tuned-settings document for ``problem``: ``path`` if given, else the one shipped for the family."""
+    if path is None:
+        name = Path(str(problem)).stem if os.path.splitext(str(problem))[1] else str(problem)
+        path = TUNED_DIR / f"{name}.yml"
+        if not path.exists():
+            raise FileNotFoundError(f"no tuned settings shipped for {problem!r}; run `lrenv tune --problem {problem} "
+                                    f"--out tuned.yml` and pass --tuned tuned.yml")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tuned settings file not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("methods"), dict):
+        raise ValueError(f"{path}: not a tuned-settings file (no 'methods' mapping); write one with lrenv tune")
+    return doc
+
+
+def tuned_methods(doc: dict[str, Any], only: str | None = None) -> tuple[list[Schedule | str], dict[str, dict]]:
+    """The tuned baselines of ``doc`` (or just ``only``) as evaluation methods, and the solver options for
+    tuned outside solvers."""
+    methods: list[Schedule | str] = []
+    options: dict[str, dict] = {}
+    names = [only] if only else list(doc["methods"])
+    for name in names:
+        if name not in doc["methods"]:
+            raise ValueError(f"no tuned setting for {name!r} in this file; it has {', '.join(doc['methods'])}")
+        if name not in SEARCH_SPACES:
+            raise ValueError(f"unknown tuned baseline {name!r}; known: {', '.join(SEARCH_SPACES)}")
+        factory = SEARCH_SPACES[name][0]
+        params = dict(doc["methods"][name]["params"])
+        if isinstance(factory, str):
+            methods.append(factory)
+            options[factory] = params
+        else:
+            methods.append(make_tuned(name, params))
+    return methods, options
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Tune every baseline's settings on validation instances (never on the test split that lrenv "
+                     "evaluate reports) and write the chosen settings to a YAML file that lrenv evaluate --methods "
+                     "tuned reads.")
+    p.add_argument("--problem", default=DEFAULT_PROBLEM, help="problem family or a path to a matrix file")
+    p.add_argument("--problem-param", action="append", metavar="KEY=VALUE", help="family parameter (repeatable)")
+    p.add_argument("--methods", default=",".join(SEARCH_SPACES),
+                   help=f"comma-separated baselines to tune (default: all of {', '.join(SEARCH_SPACES)})")
+    p.add_argument("--seeds", type=int, default=5, help="validation instances per setting")
+    p.add_argument("--budget", type=int, default=None, help="epoch budget (None: the family's)")
+    p.add_argument("--seed", type=int, default=0, help="base reset seed")
+    p.add_argument("--out", default=None, help="YAML file to write (default: runs/tuned/<problem>.yml)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = args.out or os.path.join("runs", "tuned", f"{Path(str(args.problem)).stem}.yml")
+    tune(args.problem, parse_problem_params(args.problem_param),
+         methods=[m.strip() for m in args.methods.split(",") if m.strip()], seeds=args.seeds, budget=args.budget,
+         seed=args.seed, out=out, progress=not args.no_progress)
+    return 0
