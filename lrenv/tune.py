@@ -44,15 +44,15 @@ def _grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
 
 SEARCH_SPACES: dict[str, tuple[Callable[..., Schedule] | str, list[dict[str, Any]], dict[str, Any]]] = {
     # name: (schedule class or solver name, grid of settings, default setting)
-    "fixed-c": (FixedScale, _grid(c=[0.2, 0.4, 0.6, 0.8, 1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 1.9]), {"c": 1.1}),
-    "cosine": (CosineDecay, _grid(peak=[0.3, 0.4, 0.5, 0.55, 0.65, 0.8], final=[0.02, 0.1]),
+    "fixed-c": (FixedScale, _grid(c=[0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 1.9]), {"c": 1.1}),
+    "cosine": (CosineDecay, _grid(peak=[0.15, 0.25, 0.4, 0.5, 0.55, 0.65, 0.8], final=[0.02, 0.1]),
                {"peak": 0.55, "final": 0.05}),
-    "two-phase": (TwoPhase, _grid(c_high=[0.8, 1.1, 1.3, 1.6], c_low=[0.4, 0.8], switch=[0.3, 0.6]),
+    "two-phase": (TwoPhase, _grid(c_high=[0.5, 0.8, 1.1, 1.3, 1.6], c_low=[0.2, 0.4, 0.8], switch=[0.3, 0.6]),
                   {"c_high": 1.1, "c_low": 0.8, "switch": 0.5}),
     "random-walk": (RandomWalkBound, [g for g in _grid(center=[0.3, 0.4, 0.5], width=[0.25, 0.5])
                                       if g["center"] * (1 + g["width"]) <= 1.0], {"center": 0.5, "width": 0.5}),
     "armijo": (Armijo, _grid(c=[0.1, 0.3, 0.5], shrink=[0.5, 0.7]), {"c": 0.5, "shrink": 0.5}),
-    "adam": ("adam", _grid(lr_rel=[0.005, 0.02, 0.05, 0.1]), {"lr_rel": 0.02}),
+    "adam": ("adam", _grid(lr_rel=[0.005, 0.02, 0.05, 0.1, 0.3]), {"lr_rel": 0.02}),
 }
 """Tunable baselines: the grids searched by ``lrenv tune`` (scales in units of the bound 2/L, c = 2 x scale)."""
 
@@ -140,9 +140,13 @@ def tune(problem: str = DEFAULT_PROBLEM, problem_params: dict | None = None, *, 
         default = SEARCH_SPACES[name][2]
         best_params, best = min(found, key=lambda t: t[1])
         at_default = next(s for p, s in found if p == default)
+        grid = SEARCH_SPACES[name][1]
+        edge = [k for k, v in best_params.items() if isinstance(v, (int, float)) and len({g[k] for g in grid}) > 2
+                and v in (min(g[k] for g in grid), max(g[k] for g in grid))]
         doc["methods"][name] = {"params": dict(best_params), "score": round(best[0], 3),
                                 "log10_gap": round(best[1], 4), "default_params": dict(default),
-                                "default_score": round(at_default[0], 3), "settings_tried": len(found)}
+                                "default_score": round(at_default[0], 3), "settings_tried": len(found),
+                                **({"at_grid_edge": edge} if edge else {})}
     if not doc["skipped"]:
         del doc["skipped"]
     text = yaml.safe_dump(doc, sort_keys=False)
@@ -163,7 +167,8 @@ def tuning_markdown(doc: dict[str, Any]) -> str:
              "| baseline | tuned setting | score | default setting | default score | settings tried |",
              "|---|---|---|---|---|---|"]
     for name, m in doc["methods"].items():
-        lines.append(f"| {name} | {_label(m['params'])} | {m['score']:.1f} | {_label(m['default_params'])} | "
+        edge = f" (grid edge: {', '.join(m['at_grid_edge'])})" if m.get("at_grid_edge") else ""
+        lines.append(f"| {name} | {_label(m['params'])}{edge} | {m['score']:.1f} | {_label(m['default_params'])} | "
                      f"{m['default_score']:.1f} | {m['settings_tried']} |")
     return "\n".join(lines) + "\n"
 

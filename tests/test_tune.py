@@ -1,0 +1,62 @@
+"""lrenv tune: settings chosen on validation instances, written to YAML, used by evaluate --methods tuned."""
+
+import pytest
+import yaml
+
+from lrenv.cli import main
+from lrenv.evaluate import evaluate
+from lrenv.problems import TEST_SEEDS, VALIDATION_SEEDS
+from lrenv.tune import SEARCH_SPACES, load_tuned, make_tuned, run_scores, tune
+
+TINY = dict(problem="small", problem_params=dict(m=60, n=20, rank=3, target_factor=1.1), budget=40)
+
+
+def test_run_scores_counts_misses_at_twice_the_budget():
+    rows = [dict(epochs_to_target=10.0, reached_target=True, best_loss=1.0, target_loss=1.0, diverged=False),
+            dict(epochs_to_target=float("nan"), reached_target=False, best_loss=10.0, target_loss=1.0, diverged=False)]
+    score, gap = run_scores(rows, budget=50)
+    assert score == pytest.approx((10 + 100) / 2)
+    assert gap == pytest.approx(0.5)
+
+
+def test_tune_picks_the_best_validation_setting_and_evaluate_uses_it(tmp_path):
+    out = tmp_path / "t.yml"
+    doc = tune(**TINY, methods=["fixed-c", "cosine"], seeds=2, out=out, progress=False, verbose=False)
+    assert doc["split"] == "validation"
+    assert set(doc["methods"]) == {"fixed-c", "cosine"}
+    # the winner really is the best of the grid on the validation instances (recomputed here)
+    grid = [make_tuned("fixed-c", p) for p in SEARCH_SPACES["fixed-c"][1]]
+    res = evaluate(grid, **TINY, seeds=2, split="validation", save=False, progress=False, verbose=False)
+    assert {r["instance"] for r in res.rows} <= set(VALIDATION_SEEDS)
+    scores = {m: run_scores([r for r in res.rows if r["method"] == m], 40) for m in res.summary}
+    best = min(scores, key=scores.get)
+    assert best == f"fixed c={doc['methods']['fixed-c']['params']['c']:g} (tuned)"
+    assert doc["methods"]["fixed-c"]["score"] == pytest.approx(scores[best][0], abs=1e-3)
+    assert doc["methods"]["fixed-c"]["score"] <= doc["methods"]["fixed-c"]["default_score"]
+    assert yaml.safe_load(out.read_text()) == doc
+    # evaluate --methods tuned reports the tuned schedules on the test split
+    ev = evaluate("tuned", **TINY, seeds=2, tuned=str(out), save=False, progress=False, verbose=False)
+    assert set(ev.summary) == {best, "cosine (tuned)"}
+    assert {r["instance"] for r in ev.rows} <= set(TEST_SEEDS)
+
+
+def test_tuned_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tuned settings shipped for 'nosuch'"):
+        load_tuned("nosuch")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("methods: [1, 2]\n")
+    with pytest.raises(ValueError, match="not a tuned-settings file"):
+        load_tuned("small", bad)
+    with pytest.raises(ValueError, match="cannot tune \\['fixed-x'\\]"):
+        tune(**TINY, methods=["fixed-x"], out=None, verbose=False)
+
+
+def test_cli_tune_then_evaluate_tuned(tmp_path, capsys):
+    out = tmp_path / "t.yml"
+    args = ["--problem", "small", "--problem-param", "m=60", "--problem-param", "n=20", "--problem-param", "rank=3",
+            "--problem-param", "target_factor=1.1", "--budget", "30"]
+    assert main(["tune", *args, "--methods", "fixed-c", "--seeds", "2", "--out", str(out), "--no-progress"]) == 0
+    assert "tuned on 2 validation instances" in capsys.readouterr().out
+    assert main(["evaluate", *args, "--methods", "tuned:fixed-c", "--tuned", str(out), "--seeds", "2",
+                 "--out", str(tmp_path / "ev"), "--no-progress", "--no-tensorboard"]) == 0
+    assert "(tuned)" in capsys.readouterr().out
