@@ -87,7 +87,6 @@ def tune(problem: str = DEFAULT_PROBLEM, problem_params: dict | None = None, *, 
     """Tune the baselines ``methods`` (default: all of :data:`SEARCH_SPACES` that apply) on ``seeds``
     validation instances of the family; returns the document written to ``out`` (YAML, atomically)."""
     from .evaluate import _atomic_write, evaluate
-    from .metrics import Trace  # noqa: F401  (documentation link)
 
     names = list(methods or SEARCH_SPACES)
     unknown = [m for m in names if m not in SEARCH_SPACES]
