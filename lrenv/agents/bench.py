@@ -174,7 +174,8 @@ class NullVecEnv(VecEnv):
 PPO_KINDS = ("batched", "dummy", "null")
 
 
-def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset: str = "small") -> dict:
+def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset: str = "small",
+                env_threads_: int = 1) -> dict:
     """End-to-end PPO training steps/s set up exactly as ``lrenv train --problem PRESET --vec KIND`` does
     (the zoo hyperparameters, VecMonitor, VecNormalize), from a fresh policy; ``kind="null"`` swaps in
     :class:`NullVecEnv` to measure PPO alone. Also reports how many episodes ended per 1000 steps: an
@@ -185,7 +186,7 @@ def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset
     from lrenv.problems import make_family
     hp = load_hyperparams(preset, [f"n_envs:{n_envs}"])
     cfg = TrainConfig(problem=preset, vec="dummy" if kind == "null" else kind, env_device=str(device),
-                      hyperparams=hp, progress=False)
+                      hyperparams=hp, progress=False, env_threads=env_threads_)
     if kind == "null":
         monitor = VecMonitor(NullVecEnv(n_envs, make_family(preset).budget))
     else:
@@ -222,6 +223,95 @@ def preset_memory(preset: str, device: torch.device) -> int:
     return bytes_per_instance(engine_config(make_family(preset), None, 0.0, device, "float32"))
 
 
+# ----------------------------------------------------------------------------- contention
+_BUSY = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    pass\n"
+_CHILD = """
+import json, os, sys, time
+import torch
+from lrenv.agents.bench import measure_ppo, measure_evaluation
+kind, threads, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+c0 = time.process_time()
+if kind == "ppo":
+    r = measure_ppo("batched", 8, steps, torch.device("cpu"), env_threads_=threads)
+    r["seconds"] = r["steps"] / r["steps_per_s"]
+else:
+    r = measure_evaluation(threads)
+r["cpu_s"] = time.process_time() - c0
+print("RESULT " + json.dumps(r))
+"""
+
+
+def measure_evaluation(threads: int, seeds: int = 4) -> dict:
+    """Seconds for a small evaluation (tuned-baseline-like schedules and Armijo on ``small``) on ``threads``."""
+    from lrenv.evaluate import evaluate
+    t0 = time.perf_counter()
+    evaluate("fixed-scale,cosine,two-phase,armijo", problem="small", seeds=seeds, save=False, progress=False,
+             verbose=False, threads=threads or None)
+    return {"seconds": time.perf_counter() - t0}
+
+
+def contention_table(ppo_steps: int = 8192, thread_options: tuple[int, ...] = (1, 0),
+                     wait_policies: tuple[str | None, ...] = (None, "PASSIVE"), busy_seconds: float = 900.0) -> list[dict]:
+    """PPO training on ``small`` (8 envs) and an evaluation, each in a fresh process, for every env thread count
+    (0 = every core) and OpenMP wait policy, on the machine as it is ("idle") and with one competing CPU-bound
+    process that this function starts and stops itself ("busy", a bounded busy loop)."""
+    import os
+    import subprocess
+    import sys
+    rows = []
+    for condition in ("idle", "busy"):
+        busy = None
+        if condition == "busy":
+            busy = subprocess.Popen([sys.executable, "-c", _BUSY, str(busy_seconds)])
+        try:
+            for kind in ("ppo", "evaluate"):
+                for threads in thread_options:
+                    for policy in wait_policies:
+                        env = dict(os.environ)
+                        env.pop("OMP_WAIT_POLICY", None)
+                        if policy:
+                            env["OMP_WAIT_POLICY"] = policy
+                        out = subprocess.run([sys.executable, "-c", _CHILD, kind, str(threads), str(ppo_steps)],
+                                             env=env, capture_output=True, text=True, timeout=busy_seconds)
+                        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+                        if line is None:
+                            raise RuntimeError(f"contention child failed: {out.stderr[-2000:]}")
+                        r = json.loads(line[len("RESULT "):])
+                        row = dict(condition=condition, kind=kind, env_threads=threads or os.cpu_count(),
+                                   wait_policy=policy or "default", seconds=r["seconds"], cpu_s=r["cpu_s"],
+                                   load1=os.getloadavg()[0])
+                        rows.append(row)
+                        print(f"  {condition:4} {kind:8} threads {row['env_threads']} {row['wait_policy']:8} "
+                              f"{row['seconds']:.1f} s (cpu {row['cpu_s']:.1f} s)", flush=True)
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+    for r in rows:  # ratio to the best setting of the same kind and condition
+        best = min(x["seconds"] for x in rows if x["kind"] == r["kind"] and x["condition"] == r["condition"])
+        r["over_best"] = r["seconds"] / best
+    return rows
+
+
+def measure_evaluate_paths(seeds: int = 10) -> dict:
+    """``lrenv evaluate --problem small --seeds N`` (every method) one instance at a time vs batched, in one run,
+    and whether their results are identical."""
+    from lrenv.evaluate import evaluate
+    kw = dict(problem="small", seeds=seeds, save=False, progress=False, verbose=False)
+    t0 = time.perf_counter()
+    one = evaluate("all", batched=False, **kw)
+    t1 = time.perf_counter()
+    new = evaluate("all", batched=True, **kw)
+    t2 = time.perf_counter()
+    keys = ("method", "instance", "reached_target", "diverged", "epochs_to_target")
+    same = [tuple(r[k] for k in keys) for r in one.rows] == [tuple(r[k] for k in keys) for r in new.rows]
+    close = all(np.isclose(a["final_loss"], b["final_loss"], rtol=1e-4, equal_nan=True)
+                or not (np.isfinite(a["final_loss"]) and np.isfinite(b["final_loss"]))
+                for a, b in zip(one.rows, new.rows))
+    return dict(one_at_a_time_s=t1 - t0, batched_s=t2 - t1, speedup=(t1 - t0) / (t2 - t1),
+                same_outcomes=same, final_losses_close=close, runs=len(new.rows))
+
+
 # ----------------------------------------------------------------------------- driver
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS, help="problem sizes")
@@ -234,6 +324,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default, all cores)")
     p.add_argument("--ppo-steps", type=int, default=8192, help="PPO training steps per timed run (0: skip)")
     p.add_argument("--ppo-envs", type=int, default=8, help="envs for the PPO end-to-end run")
+    p.add_argument("--contention", action="store_true",
+                   help="instead: PPO and an evaluation for env threads 1 / all and OpenMP wait policies, idle and "
+                        "with a competing busy process (started and stopped by the bench)")
+    p.add_argument("--evaluate-paths", action="store_true",
+                   help="instead: lrenv evaluate --problem small --seeds 10, one instance at a time vs batched")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -241,8 +336,30 @@ def _fmt(x: float | None, spec: str = ".0f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _write(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {path}")
+
+
 def run(args: argparse.Namespace) -> int:
     from lrenv.vec_env import available_memory
+    if args.contention:
+        rows = contention_table(ppo_steps=args.ppo_steps or 8192)
+        print(f"\n{'condition':9} {'kind':8} {'env threads':>11} {'wait':8} {'seconds':>8} {'cpu s':>6} {'x best':>6}")
+        for r in rows:
+            print(f"{r['condition']:9} {r['kind']:8} {r['env_threads']:>11} {r['wait_policy']:8} {r['seconds']:>8.1f} "
+                  f"{r['cpu_s']:>6.1f} {r['over_best']:>6.2f}")
+        _write({"contention": rows, "torch": torch.__version__}, args.out)
+        return 0
+    if args.evaluate_paths:
+        r = measure_evaluate_paths()
+        print(f"lrenv evaluate --problem small --seeds 10 ({r['runs']} runs): one at a time {r['one_at_a_time_s']:.1f} s, "
+              f"batched {r['batched_s']:.1f} s -> {r['speedup']:.2f}x; same outcomes: {r['same_outcomes']}, "
+              f"final losses within 1e-4: {r['final_losses_close']}")
+        _write({"evaluate_paths": r, "torch": torch.__version__}, args.out)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
