@@ -130,11 +130,13 @@ class TaskConfig:
         return lr, a, invalid
 
     def action_for_scale(self, scale: np.ndarray | float) -> np.ndarray:
-        """'log_bound' action that gives lr = scale * (2/L) (scale clipped into the covered range)."""
+        """'log_bound' action that gives lr = scale * (2/L) (scale clipped into the covered range): an element
+        of :meth:`action_space` (shape (1,)) for a scalar scale, shape (B,) for B scales."""
         if self.action_mode != "log_bound":
             raise ValueError("action_for_scale needs action_mode='log_bound'")
         s = np.maximum(np.asarray(scale, dtype=np.float64), _TINY)
-        return np.clip(np.log10(s / self.action_center) / self.log_range, -1.0, 1.0).astype(np.float32)
+        a = np.clip(np.log10(s / self.action_center) / self.log_range, -1.0, 1.0).astype(np.float32)
+        return a.reshape(1) if a.ndim == 0 else a
 
 
 class EpisodeTracker:

@@ -86,12 +86,31 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(value)
 
 
+def hyperparams_key(problem: str, table: dict, path: str | Path = HYPERPARAMS) -> str:
+    """The entry of an rl-zoo hyperparameter file for ``problem``: its gymnasium id (``small`` ->
+    ``lrenv/NMF-small-v0``; a matrix file -> the generic ``lrenv/NMF-v0``), else the bare family name
+    (files keyed by family before the ids existed; ``matrix`` for matrix files)."""
+    from lrenv import ENV_ID, ENV_IDS
+    is_file = bool(os.path.splitext(problem)[1])
+    for key in (ENV_IDS.get(problem, ENV_ID if is_file else None), problem, "matrix" if is_file else None):
+        if key is not None and key in table:
+            return key
+    from lrenv.problems import suggest
+    wanted = ENV_IDS.get(problem, ENV_ID if is_file else problem)
+    names = [name for name, id_ in ENV_IDS.items() if id_ in table] + [k for k in table if "/" not in k]
+    raise ValueError(f"no hyperparameters for problem {problem!r} in {path} (looked for {wanted!r}).{suggest(problem, names)}")
+
+
+def run_name(problem: str, exp: str, seed: int, when: float | None = None) -> str:
+    """``{problem}__{exp}__{seed}__{YYYYmmdd-HHMMSS}``: the one run-naming scheme (``lrenv evaluate`` names its
+    directories ``{problem}__eval__{seed}__{stamp}``), sortable by time and readable at a glance."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+    return f"{Path(problem).stem or 'problem'}__{exp}__{seed}__{stamp}"
+
+
 def load_hyperparams(problem: str, overrides: list[str] | None = None, path: str | Path = HYPERPARAMS) -> dict:
     table = yaml.safe_load(Path(path).read_text())
-    name = problem if problem in table else ("matrix" if os.path.splitext(problem)[1] else None)
-    if name is None:
-        from lrenv.problems import suggest
-        raise ValueError(f"no hyperparameters for problem {problem!r} in {path}.{suggest(problem, table)}")
+    name = hyperparams_key(problem, table, path)
     hp = dict(table[name])
     known = set(hp) | {"env_kwargs", "normalize", "policy_kwargs", "ent_coef", "vf_coef", "max_grad_norm",
                        "target_kl", "use_sde", "sde_sample_freq", "clip_range_vf", "normalize_advantage"}
@@ -241,7 +260,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
     n_envs = hp["n_envs"]
     venv = make_vec_env(cfg, n_envs, "train", seed=cfg.seed)  # first: a bad config fails before any file is written
     if resume is None:
-        run_dir = Path(cfg.runs_dir) / f"{Path(cfg.problem).stem}__{cfg.exp}__{cfg.seed}__{int(time.time())}"
+        run_dir = Path(cfg.runs_dir) / run_name(cfg.problem, cfg.exp, cfg.seed)
         run_dir.mkdir(parents=True, exist_ok=False)
         write_config(cfg, run_dir)
     else:
