@@ -251,9 +251,9 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, Path | None, int]:
 def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()) -> Path:
     """Train (or resume) a run; returns its directory."""
     from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback, EvalCallback
+    from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
 
-    from lrenv.agents.callbacks import EpisodeStatsCallback, HParamCallback, ScheduleFigureCallback
+    from lrenv.agents.callbacks import EpisodeStatsCallback, HeldoutEvalCallback, HParamCallback, ProgressCallback
 
     torch.set_num_threads(cfg.torch_threads)
     hp = cfg.hyperparams
@@ -263,6 +263,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
         run_dir = Path(cfg.runs_dir) / run_name(cfg.problem, cfg.exp, cfg.seed)
         run_dir.mkdir(parents=True, exist_ok=False)
         write_config(cfg, run_dir)
+        print(f"run directory: {run_dir}", flush=True)
     else:
         run_dir = Path(resume)
 
@@ -278,34 +279,32 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
 
     from lrenv.problems import EVAL_SEEDS
     eval_seeds = [EVAL_SEEDS[i] for i in range(cfg.eval_episodes)]
-    eval_env = wrap_normalize(make_vec_env(cfg, 1, eval_seeds, seed=cfg.seed + 10_000), hp, training=False)
     every = lambda steps: max(steps // n_envs, 1)  # noqa: E731  (callbacks count vector steps)
+    from lrenv import NMFEnv
+    budget = NMFEnv(**cfg.env_kwargs).task.budget  # (no engine is built: cheap)
     callbacks = [
         CheckpointCallback(every(cfg.checkpoint_freq), str(run_dir / "checkpoints"), name_prefix="rl_model",
                            save_vecnormalize=True),
-        EpisodeStatsCallback(),
+        EpisodeStatsCallback(budget),
         HParamCallback(cfg),
     ]
-    if cfg.eval_freq > 0:
-        callbacks += [
-            EvalCallback(eval_env, n_eval_episodes=cfg.eval_episodes, eval_freq=every(cfg.eval_freq),
-                         best_model_save_path=str(run_dir), deterministic=True, verbose=0),
-            ScheduleFigureCallback(cfg, eval_seeds[: min(3, len(eval_seeds))], every(cfg.eval_freq)),
-        ]
+    if cfg.eval_freq > 0:  # one held-out evaluation (learned vs fixed baselines, failures counted), one step axis
+        callbacks.append(HeldoutEvalCallback(dict(cfg.env_kwargs, device=cfg.env_device, threads=env_threads(cfg)),
+                                             eval_seeds, every(cfg.eval_freq), run_dir, seed=cfg.seed + 10_000))
+    callbacks.append(ProgressCallback([cfg.eval_freq, cfg.checkpoint_freq], bar=cfg.progress))
     callbacks += list(extra_callbacks)
     remaining = hp["n_timesteps"] - done
     start = time.time()
     try:
         if remaining > 0:
             model.learn(remaining, callback=CallbackList(callbacks), tb_log_name="tb",
-                        reset_num_timesteps=resume is None, progress_bar=cfg.progress)
+                        reset_num_timesteps=resume is None, progress_bar=False)
     except KeyboardInterrupt:
         save_model(model, run_dir, "interrupted")
         print(f"interrupted at {model.num_timesteps} timesteps; continue with: lrenv train --resume {run_dir}")
         raise
     finally:
         venv.close()
-        eval_env.close()
     save_model(model, run_dir)
     write_config(cfg, run_dir, {"result": {"timesteps": int(model.num_timesteps),
                                            "wall_time_s": round(time.time() - start, 1)}})
