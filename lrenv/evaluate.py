@@ -496,7 +496,7 @@ def write_outputs(result: EvalResult, *, tensorboard: bool = True) -> None:
 
 def write_tensorboard(result: EvalResult, tb_dir: str) -> None:
     """TensorBoard logs of an evaluation: one sub-run per method (``tb/<method>``) with shared tags, so a
-    chart overlays every method: ``curve/loss_over_target`` (median over seeds, per epoch),
+    chart overlays every method: ``curve/log10_loss_over_target`` (median over seeds, per epoch; 0 = target),
     ``curve/scale_W`` and ``curve/scale_H`` (step / bound); each sub-run's HParams row holds the method and
     its metrics (failures counted at the budget), sortable in the HParams tab; the results table and the
     config as text, the figures as images (top-level run)."""
@@ -523,7 +523,7 @@ def write_tensorboard(result: EvalResult, tb_dir: str) -> None:
                                                  length - 1, "nan"), axis=0) for f in "WH"}
         for t in range(length):
             if np.isfinite(med[t]) and med[t] > 0:
-                w.add_scalar("curve/loss_over_target", float(med[t]), t)
+                w.add_scalar("curve/log10_loss_over_target", float(np.log10(med[t])), t)
             for f, arr in scales.items():
                 if t < len(arr) and np.isfinite(arr[t]) and arr[t] > 0:
                     w.add_scalar(f"curve/scale_{f}", float(arr[t]), t + 1)
