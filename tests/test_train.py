@@ -57,7 +57,7 @@ def test_train_save_reload_evaluate_and_tensorboard(tmp_path):
     assert [e.step for e in learned] == [1024, 2048]  # one held-out evaluation, on the timestep axis
     assert all(0 < e.value <= 60 for e in learned)  # failures count at the budget (60): never NaN
     assert "heldout/schedule" in events.Tags()["images"]
-    assert {"heldout/log10_scale_W", "heldout/log10_scale_H", "rollout_scale/W"} <= set(events.Tags()["histograms"])
+    assert {"heldout/log10_scale_W", "heldout/log10_scale_H", "rollout/log10_scale_W"} <= set(events.Tags()["histograms"])
     assert {"config/text_summary", "heldout/table/text_summary"} <= set(events.Tags()["tensors"])
     baselines = glob.glob(str(run_dir / "tb_*" / "baselines" / "*"))
     assert len(baselines) == 3  # sub-runs with the same tags: overlaid with the learned curve

@@ -10,7 +10,7 @@ What a researcher finds in ``tensorboard --logdir runs`` (one run directory = on
   ``heldout/above_cliff_W|H``: the fraction of epochs above the stability cliff (0.55 x 2/L).
 - ``episode/*`` (training episodes): the same failure-counting metrics and the return split into its terms
   (``episode/reward_improvement``, ``_time``, ``_target``, ``_divergence``).
-- ``rollout_scale/*`` histograms of the training policy's step / bound per factor.
+- ``rollout/log10_scale_W|H`` histograms of the training policy's step / bound per factor, ``rollout/above_cliff_W|H``.
 - Images: ``heldout/schedule`` (loss / target and both factors' step sizes, fixed axes, bound and cliff lines).
 - Text: ``config`` (the run's config.json) and ``heldout/table`` (learned vs baselines, Markdown).
 - HParams: every hyperparameter flattened (``policy_kwargs.net_arch``, ``env.reward.time_cost``...), the
@@ -122,8 +122,8 @@ class EpisodeStatsCallback(BaseCallback):
             x = np.asarray(values, dtype=float)
             x = x[np.isfinite(x) & (x > 0)]
             if len(x):
-                self.logger.record(f"rollout_scale/{name}", torch.as_tensor(np.log10(x)), exclude=NOT_TO_TEXT)
-                self.logger.record(f"rollout_scale/above_cliff_{name}", float(np.mean(x > CLIFF_SCALE)))
+                self.logger.record(f"rollout/log10_scale_{name}", torch.as_tensor(np.log10(x)), exclude=NOT_TO_TEXT)
+                self.logger.record(f"rollout/above_cliff_{name}", float(np.mean(x > CLIFF_SCALE)))
 
 
 # ----------------------------------------------------------------------------- the held-out evaluation
