@@ -37,7 +37,7 @@ BASELINE_COLORS = {
     "random-walk": "#dbdb8d",
 }
 """Fixed colours of the named baselines (policies' reds and black are not among them)."""
-_SWEEP = plt.get_cmap("viridis")
+_SWEEP = plt.get_cmap("bone_r")
 
 
 def is_policy(name: str) -> bool:
@@ -47,23 +47,23 @@ def is_policy(name: str) -> bool:
 def method_color(name: str, policies: Sequence[str] = ()) -> str | tuple:
     """The colour of ``name`` in every figure: policies in order of ``policies`` (red first), named baselines
     from :data:`BASELINE_COLORS`, fixed schedules along viridis by their value (``fixed c=1.1`` and
-    ``fixed lr=1e-03``; ``best fixed`` labels keep their schedule's colour), anything else by a stable hash."""
+    ``fixed lr=1e-03``, drawn dashed), anything else by a stable hash."""
     if is_policy(name):
         i = list(policies).index(name) if name in policies else zlib.crc32(name.encode()) % len(POLICY_COLORS)
         return POLICY_COLORS[i % len(POLICY_COLORS)]
     base = name.split("#")[0].split(" (")[0]
     if base in BASELINE_COLORS:
         return BASELINE_COLORS[base]
-    if "c=" in base:  # c from 0.1 to 2: log position along viridis
+    if "c=" in base:  # c from 0.1 to 2: light to dark grey-blue (no named baseline or policy uses these)
         try:
             c = float(base.split("c=")[1])
-            return _SWEEP(float(np.clip(np.log10(c / 0.1) / np.log10(20), 0, 1)) * 0.9)
+            return _SWEEP(0.3 + 0.6 * float(np.clip(np.log10(c / 0.1) / np.log10(20), 0, 1)))
         except ValueError:
             pass
-    if "lr=" in base:  # 1e-5 ... 10
+    if "lr=" in base:  # 1e-5 ... 10: light to dark grey
         try:
             lr = float(base.split("lr=")[1])
-            return plt.get_cmap("cividis")(float(np.clip((np.log10(lr) + 5) / 6, 0, 1)))
+            return plt.get_cmap("Greys")(0.3 + 0.6 * float(np.clip((np.log10(lr) + 5) / 6, 0, 1)))
         except ValueError:
             pass
     return plt.get_cmap("tab20")(zlib.crc32(base.encode()) % 20)
@@ -124,7 +124,8 @@ def default_methods(traces: dict[str, list]) -> list[str]:
 def _style(name: str, policies: Sequence[str]) -> dict:
     if is_policy(name):
         return dict(color=method_color(name, policies), lw=2.6, zorder=10, alpha=1.0)
-    return dict(color=method_color(name, policies), lw=1.3, zorder=3, alpha=0.9)
+    return dict(color=method_color(name, policies), lw=1.4 if name.startswith("fixed ") else 1.3, zorder=3, alpha=0.9,
+                ls="--" if name.startswith("fixed ") else "-")
 
 
 def _draw_loss(ax, traces: dict[str, list], methods: Iterable[str], policies: Sequence[str], *, label_best: str | None,
@@ -154,7 +155,13 @@ def _draw_loss(ax, traces: dict[str, list], methods: Iterable[str], policies: Se
                     clip_on=False)
 
 
+def _best_fixed(traces: dict[str, list]) -> str | None:
+    fixed = [n for n in traces if n.startswith("fixed ")]
+    return min(fixed, key=lambda n: rank_key(traces[n])) if fixed else None
+
+
 def _draw_scale(ax, traces: dict[str, list], methods: Iterable[str], policies: Sequence[str], factor: str) -> None:
+    best = _best_fixed(traces)
     for name in methods:
         runs = traces[name]
         with np.errstate(all="ignore"):
@@ -166,7 +173,8 @@ def _draw_scale(ax, traces: dict[str, list], methods: Iterable[str], policies: S
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             med = np.nanmedian(arr, axis=0)
-        ax.plot(np.arange(1, len(med) + 1), med, label=name, **_style(name, policies))
+        ax.plot(np.arange(1, len(med) + 1), med, label=name + (" (best fixed)" if name == best else ""),
+                **_style(name, policies))
     ax.axhline(1.0, color="k", ls="--", lw=0.9, label="bound 2/L")
     ax.axhline(CLIFF_SCALE, color="r", ls=":", lw=1.0, label=f"stability cliff {CLIFF_SCALE} x 2/L")
     ax.set(yscale="log", xlabel="epoch", ylabel=f"lr_{factor} / (2/L_{factor})", title=f"step size of {factor}")
