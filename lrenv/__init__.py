@@ -9,8 +9,31 @@ from .task import RewardConfig, TaskConfig
 __version__ = "0.1.0"
 
 ENV_ID = "lrenv/NMF-v0"
-if ENV_ID not in registry:
-    register(id=ENV_ID, entry_point="lrenv.env:NMFEnv")
+"""The generic id: any family through ``problem=`` (default ``small``); its max_episode_steps is the largest family
+budget, an upper bound (the env truncates itself at its own budget)."""
+FAMILY_BUDGETS = {"small": 200, "medium": 1000, "paper": 1000, "sales": 500, "tutorial": 500, "illcond": 500,
+                  "digits": 200}
+"""Default epoch budget of each family with its own id (tests check these against lrenv.problems)."""
+ENV_IDS = {name: f"lrenv/NMF-{name}-v0" for name in FAMILY_BUDGETS}
+"""Family name -> its gymnasium id (``max_episode_steps`` = the family's budget)."""
+
+
+def env_id(problem: str) -> str:
+    """The gymnasium id of a family name (the generic ``lrenv/NMF-v0`` for other problems, e.g. matrix files)."""
+    return ENV_IDS.get(problem, ENV_ID)
+
+
+def _register() -> None:
+    """Register the ids (``gym.make("lrenv:lrenv/NMF-small-v0")`` and rl-zoo's ``--gym-packages lrenv`` import
+    this module). Idempotent: re-imports (spawned workers, reloads) register nothing twice."""
+    specs = {ENV_ID: ({}, max(FAMILY_BUDGETS.values()))}
+    specs.update({ENV_IDS[name]: ({"problem": name}, budget) for name, budget in FAMILY_BUDGETS.items()})
+    for id_, (kwargs, budget) in specs.items():
+        if id_ not in registry:
+            register(id=id_, entry_point="lrenv.env:NMFEnv", kwargs=kwargs, max_episode_steps=budget)
+
+
+_register()
 
 __all__ = ["NMFEnv", "LROracle", "TaskConfig", "RewardConfig", "ProblemFamily", "make_family", "FAMILIES",
-           "DEFAULT_PROBLEM", "TRAIN_SEEDS", "EVAL_SEEDS", "ENV_ID"]
+           "DEFAULT_PROBLEM", "TRAIN_SEEDS", "EVAL_SEEDS", "ENV_ID", "ENV_IDS", "FAMILY_BUDGETS", "env_id"]

@@ -135,5 +135,6 @@ def _run_chunk(schedules: Sequence[Schedule], instances: Sequence[int], env_kwar
                             diverged=bool(info["diverged"]), reached_target=bool(info["reached_target"]),
                             heldout_mse=float(info.get("heldout_mse", np.nan)), extra_loss_evals=0,
                             divergence_factor=venv.task.divergence_factor, fit=np.array(curves["fit"][j]),
-                            target_metric=venv.family.target_metric))
+                            target_metric=venv.family.target_metric,
+                            heldout_reference=float(venv.problems[j].info.get("truth_heldout_mse", np.nan))))
     return traces

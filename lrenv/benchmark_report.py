@@ -286,7 +286,9 @@ def _figures(out_dir: Path, main: list[str], iqm: dict, per_family: dict, famili
     import matplotlib.pyplot as plt
     from rliable import plot_utils
 
-    from lrenv.plots import loss_curve_figure, save_figure
+    from types import SimpleNamespace
+
+    from lrenv.plots import loss_figure, save_figure
     written = []
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(exist_ok=True)
@@ -320,8 +322,10 @@ def _figures(out_dir: Path, main: list[str], iqm: dict, per_family: dict, famili
 
     for fam, by_method in curves.items():
         if by_method:
-            fig = loss_curve_figure(by_method, target=targets.get(fam),
-                                    title=f"{fam}: loss (median, 25-75 %)")
+            target = targets.get(fam) or 1.0
+            runs = {m: [SimpleNamespace(loss=np.asarray(c, dtype=float), target_loss=target, budget=len(c) - 1,
+                                        diverged=not np.isfinite(c[-1])) for c in cs] for m, cs in by_method.items()}
+            fig = loss_figure(runs, methods=list(runs), title=f"{fam}: loss / target (median over runs)")
             save_figure(fig, str(fig_dir / f"loss_curves_{fam}.png"))
             written.append(f"figures/loss_curves_{fam}.png")
     return written

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pickle
 from typing import Any
 
 import gymnasium as gym
@@ -13,6 +16,9 @@ from .problems import SPLITS, Problem, ProblemFamily, make_family, split_seeds
 from .task import EpisodeTracker, TaskConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+RENDER_MODES = ("rgb_array",)
+CLIFF_SCALE = 0.55
+"""Fraction of the full-batch bound 2/L above which minibatch SGD starts to diverge (SPEC §5; README)."""
 
 
 def resolve_instances(instances: str | range | list[int]) -> range | list[int]:
@@ -106,28 +112,61 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     ``num_blocks`` minibatches per epoch; ``grad_noise``; ``device``; ``dtype``; ``threads`` (torch threads
     while the engine computes on a CPU; default 1, which never collapses on a busy machine; None: as torch is set); and every
     :class:`lrenv.task.TaskConfig` field as a keyword (``action_mode``, ``reward``, ``obs_features``...).
-    ``reset(options={"instance": seed})`` pins the instance.
+    ``reset(options={"instance": seed})`` pins the instance. ``render_mode``: None or ``"rgb_array"``
+    (:meth:`render` draws the episode's loss / target and both factors' step sizes relative to their bound,
+    with the bound and the stability cliff, as an (H, W, 3) uint8 array: record it as a video).
+
+    ## Clients (gymnasium ids, pickling, processes)
+    Registered ids: ``lrenv/NMF-v0`` (any family through ``problem=``) and one per family,
+    ``lrenv/NMF-small-v0`` ... ``lrenv/NMF-digits-v0``, whose ``max_episode_steps`` is the family's budget
+    (``gym.make("lrenv:lrenv/NMF-sales-v0")`` imports lrenv first); the generic id's is the largest family
+    budget (1000), an upper bound: the env truncates itself at its own budget. Passing a ``budget`` above the
+    id's ``max_episode_steps``? Pass ``max_episode_steps`` too, or gymnasium's TimeLimit cuts the episode
+    while the ``epoch`` feature says time is left.
+    Envs pickle (constructor arguments, generator and, mid-episode, the iterate), so ``copy.deepcopy`` and
+    process-based vector envs work. The engine's tensors are allocated at the first reset, not in the
+    constructor: a vector env that builds a probe env in the parent and then forks (gymnasium's
+    ``make_vec(..., vectorization_mode="async")``) has done no torch work before the fork. Torch work of your
+    own before forking (a model built first) can still deadlock OpenMP in the children: pass
+    ``vector_kwargs={"context": "forkserver"}`` (SB3's SubprocVecEnv uses forkserver already).
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": list(RENDER_MODES), "render_fps": 10}
 
     def __init__(self, problem: str | ProblemFamily = "small", *, problem_params: dict | None = None,
                  instances: str | range | list[int] = "train", budget: int | None = None,
                  num_blocks: int | None = None, grad_noise: float = 0.0, device: str = "cpu",
-                 dtype: str = "float32", threads: int | None = 1, **task_kwargs: Any):
+                 dtype: str = "float32", threads: int | None = 1, render_mode: str | None = None,
+                 **task_kwargs: Any):
         super().__init__()
+        if render_mode is not None and render_mode not in RENDER_MODES:
+            raise ValueError(f"render_mode must be None or one of {RENDER_MODES}, got {render_mode!r}")
+        self.render_mode = render_mode
+        self._init_kwargs = dict(problem=problem, problem_params=problem_params, instances=instances, budget=budget,
+                                 num_blocks=num_blocks, grad_noise=grad_noise, device=device, dtype=dtype,
+                                 threads=threads, render_mode=render_mode, **task_kwargs)
         self.family = make_family(problem, **(problem_params or {}))
         self.instances = resolve_instances(instances)
         self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget, **task_kwargs)
-        self.engine = SGDEngine(engine_config(self.family, num_blocks, grad_noise, device, dtype, threads),
-                                 batch=1)
+        self.engine_cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype, threads)
+        _check_engine_config(self.engine_cfg)
+        self._engine: SGDEngine | None = None  # built at first use: no torch work in the constructor
         self.tracker = EpisodeTracker(self.task, 1, self.family.has_heldout, self.family.target_metric)
         self.observation_space = self.task.observation_space()
         self.action_space = self.task.action_space()
         self.problem: Problem | None = None
         self.instance_seed: int | None = None
-        self._order = np.zeros((self.task.budget, self.engine.cfg.num_blocks), dtype=np.int64)
+        self._order = np.zeros((self.task.budget, self.engine_cfg.num_blocks), dtype=np.int64)
         self._needs_reset = True
+        self._history: list[tuple[float, float, float]] = []  # (loss/target, lr_W/bound_W, lr_H/bound_H)
+
+    @property
+    def engine(self) -> SGDEngine:
+        """The SGD engine, allocated on first use (under the env's thread setting, see the class docstring)."""
+        if self._engine is None:
+            with _torch_threads(self.engine_cfg):
+                self._engine = SGDEngine(self.engine_cfg, batch=1)
+        return self._engine
 
     # -------------------------------------------------------------- gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -144,6 +183,8 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
         self._needs_reset = False
         info = self.tracker.info(0)
         info["instance"] = self.instance_seed
+        if self.render_mode is not None:
+            self._history = [(info["loss"] / info["target_loss"], np.nan, np.nan)]
         return self._get_obs(), info
 
     def step(self, action):
@@ -159,7 +200,48 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
             stats = self.tracker.stats.copy()
         obs, reward, terminated, truncated, infos = self.tracker.step(stats, a, lr, invalid)
         self._needs_reset = bool(terminated[0] or truncated[0])
-        return obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), infos[0]
+        info = infos[0]
+        if self.render_mode is not None:
+            with np.errstate(all="ignore"):
+                self._history.append((info["loss"] / info["target_loss"], info["lr_W"] / info["bound_W"],
+                                      info["lr_H"] / info["bound_H"]))
+        return obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), info
+
+    def render(self) -> np.ndarray | None:
+        """``render_mode="rgb_array"``: the current episode's curves as an (H, W, 3) uint8 image; None otherwise."""
+        if self.render_mode is None:
+            gym.logger.warn("NMFEnv.render() called without a render_mode; create the env with render_mode='rgb_array'")
+            return None
+        return render_curves(np.array(self._history, dtype=np.float64).reshape(-1, 3), self.task.budget,
+                             title=f"{self.family.name} instance {self.instance_seed}")
+
+    # -------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict:
+        """Constructor arguments, the generator and (mid-episode) the iterate: the problem family holds
+        closures, so it is rebuilt from its name on unpickling instead of being pickled."""
+        problem = self._init_kwargs["problem"]
+        if not isinstance(problem, (str, os.PathLike)):
+            raise pickle.PicklingError("NMFEnv built from a ProblemFamily object cannot be pickled; build it from a "
+                                       "family name or a matrix path (problem='small', problem='data.npy')")
+        state: dict[str, Any] = {"init": self._init_kwargs, "np_random": self._np_random,
+                                 "np_random_seed": self._np_random_seed, "instance_seed": self.instance_seed,
+                                 "needs_reset": self._needs_reset, "history": self._history, "episode": None}
+        if not self._needs_reset and self._engine is not None:
+            state["episode"] = {"order": self._order, "tracker": dict(vars(self.tracker), cfg=None),
+                                "engine": _engine_state(self._engine)}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state["init"])
+        self._np_random, self._np_random_seed = state["np_random"], state["np_random_seed"]
+        self.instance_seed, self._history = state["instance_seed"], state["history"]
+        episode = state["episode"]
+        if episode is not None:
+            self.problem = self.family.instance(self.instance_seed)
+            self._order = episode["order"]
+            vars(self.tracker).update({k: v for k, v in episode["tracker"].items() if k != "cfg"})
+            _restore_engine(self.engine, episode["engine"])
+            self._needs_reset = False
 
     def _stats(self) -> np.ndarray:
         return self.engine.evaluate().double().cpu().numpy()
@@ -172,6 +254,73 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     def oracle(self) -> "LROracle":
         """Documented handle for schedules that need the problem (bound, gradient, trial steps)."""
         return LROracle(self)
+
+
+def _check_engine_config(cfg: EngineConfig) -> None:
+    """The checks SGDEngine makes, done in the constructor although the engine is built later."""
+    if cfg.num_blocks < 1 or cfg.num_blocks > cfg.m:
+        raise ValueError(f"num_blocks must be between 1 and the number of rows ({cfg.m}), got {cfg.num_blocks}")
+    if cfg.threads is not None and not (isinstance(cfg.threads, (int, np.integer)) and cfg.threads >= 1):
+        raise ValueError(f"threads must be a positive number of torch threads or None, got {cfg.threads!r}")
+
+
+@contextlib.contextmanager
+def _torch_threads(cfg: EngineConfig):
+    """``cfg.threads`` torch threads for the enclosed work (CPU only); the caller's count is restored."""
+    before = torch.get_num_threads()
+    change = cfg.threads is not None and torch.device(cfg.device).type == "cpu" and before != cfg.threads
+    if change:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        yield
+    finally:
+        if change:
+            torch.set_num_threads(before)
+
+
+def _engine_state(engine: SGDEngine) -> dict:
+    """The engine's attributes with its noise generators as their states (torch.Generator does not pickle)."""
+    state = dict(vars(engine))
+    state["_noise_gen"] = [None if g is None else (str(g.device), g.get_state()) for g in engine._noise_gen]
+    return state
+
+
+def _restore_engine(engine: SGDEngine, state: dict) -> None:
+    gens = []
+    for g in state["_noise_gen"]:
+        if g is None:
+            gens.append(None)
+            continue
+        gen = torch.Generator(device=g[0])
+        gen.set_state(g[1])
+        gens.append(gen)
+    vars(engine).update(dict(state, _noise_gen=gens))
+
+
+def render_curves(history: np.ndarray, budget: int, title: str = "") -> np.ndarray:
+    """Draw (epochs, 3) rows of (loss/target, lr_W/bound_W, lr_H/bound_H) into an RGB uint8 array."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    del matplotlib  # the Agg canvas is used directly: no pyplot, no global backend change
+    fig = Figure(figsize=(8, 3.2), dpi=80, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_lr = fig.subplots(1, 2)
+    x = np.arange(len(history))
+    with np.errstate(all="ignore"):
+        ok = np.isfinite(history) & (history > 0)
+    ax_loss.plot(x[ok[:, 0]], history[ok[:, 0], 0], color="C0", lw=1.6)
+    ax_loss.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax_loss.set(yscale="log", xlim=(0, budget), xlabel="epoch", ylabel="loss / target", title=title or "loss")
+    for col, name, color in ((1, "W", "C1"), (2, "H", "C2")):
+        ax_lr.plot(x[ok[:, col]], history[ok[:, col], col], color=color, lw=1.4, label=f"lr_{name} / (2/L_{name})")
+    ax_lr.axhline(1.0, color="k", ls="--", lw=0.8, label="bound 2/L")
+    ax_lr.axhline(CLIFF_SCALE, color="r", ls=":", lw=0.8, label=f"cliff {CLIFF_SCALE} x 2/L")
+    ax_lr.set(yscale="log", ylim=(1e-3, 3.0), xlim=(0, budget), xlabel="epoch", ylabel="step / bound",
+              title="step sizes")
+    ax_lr.legend(fontsize=7, loc="lower left")
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy()
 
 
 class LROracle:

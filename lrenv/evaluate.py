@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -194,7 +195,8 @@ def run_schedule(schedule: Schedule, env_kwargs: dict, seed_index: int, *, seed:
                  bound_W=np.array(b_W), bound_H=np.array(b_H), budget=budget, diverged=bool(info["diverged"]),
                  reached_target=bool(info["reached_target"]), heldout_mse=float(info.get("heldout_mse", math.nan)),
                  extra_loss_evals=int(schedule.extra_loss_evals), divergence_factor=env.task.divergence_factor,
-                 fit=np.array(fit), target_metric=env.family.target_metric)
+                 fit=np.array(fit), target_metric=env.family.target_metric,
+                 heldout_reference=float(env.problem.info.get("truth_heldout_mse", math.nan)))
 
 
 # ----------------------------------------------------------------------------- aggregates
@@ -241,6 +243,7 @@ def aggregate(rows: list[dict], *, seed: int = 0) -> dict[str, dict[str, Any]]:
             "final_loss_median": _stat(rs, "final_loss", np.median),
             "best_loss_median": _stat(rs, "best_loss", np.median),
             "heldout_mse_median": _stat(rs, "heldout_mse", np.median),
+            "heldout_ratio_median": _stat(rs, "heldout_ratio", np.median),
             "auc_log_loss_mean": _stat(rs, "auc_log_loss", np.mean),
             "auc_log_loss_ci95": [auc_lo, auc_hi],
             "extra_loss_evals_mean": _stat(rs, "extra_loss_evals", np.mean),
@@ -259,7 +262,7 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 def summary_markdown(summary: dict[str, dict[str, Any]], *, heldout: bool = False, title: str = "") -> str:
     """The per-method summary as a Markdown table."""
     cols = ["method", "success", "epochs to target: mean [95% CI]", "median", "time to target (s)",
-            "final loss (median)", "AUC log10 loss", *(["held-out MSE"] if heldout else []), "diverged",
+            "final loss (median)", "AUC log10 loss", *(["held-out MSE", "÷ truth's"] if heldout else []), "diverged",
             "mean lr_W/(2/L_W)", "extra evals"]
     lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(cols) + " |",
                                                        "|" + "|".join("---" for _ in cols) + "|"]
@@ -269,7 +272,7 @@ def summary_markdown(summary: dict[str, dict[str, Any]], *, heldout: bool = Fals
                f"{s['epochs_to_target_mean']:.1f} [{lo:.1f}, {hi:.1f}]")
         cells = [name, f"{s['success_rate']:.2f}", ett, _fmt(s["epochs_to_target_median"], ".1f"),
                  _fmt(s["wall_to_target_median"], ".3f"), _fmt(s["final_loss_median"]), _fmt(s["auc_log_loss_mean"], ".3f"),
-                 *([_fmt(s["heldout_mse_median"])] if heldout else []), f"{s['diverged_rate']:.2f}",
+                 *([_fmt(s["heldout_mse_median"]), _fmt(s.get("heldout_ratio_median"), ".3g")] if heldout else []), f"{s['diverged_rate']:.2f}",
                  _fmt(s["mean_scale_W_mean"], ".3f"), _fmt(s["extra_loss_evals_mean"], ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -548,7 +551,7 @@ def curves(traces: dict[str, list[Trace]]) -> tuple[dict[str, list[np.ndarray]],
 
 def write_outputs(result: EvalResult, *, tensorboard: bool = True) -> None:
     """Write results.csv, summary.json/md, config.json, the figures and TensorBoard logs."""
-    from .plots import loss_curve_figure, lr_history_figure, save_figure
+    from .plots import evaluation_figures, save_figure
     out = result.out_dir
     assert out is not None
     write_results_csv(os.path.join(out, "results.csv"), result.rows)
@@ -556,32 +559,56 @@ def write_outputs(result: EvalResult, *, tensorboard: bool = True) -> None:
                                                    "notes": result.notes})
     _atomic_write(os.path.join(out, "summary.md"), result.markdown)
     write_json(os.path.join(out, "config.json"), result.config)
-    loss, scale = curves(result.traces)
-    targets = [t.target_loss for v in result.traces.values() for t in v]
-    target = float(np.median(targets)) if targets else None
-    figs = {"loss_curves": lambda: loss_curve_figure(loss, target=target), "lr_history": lambda: lr_history_figure(scale)}
-    writer = None
+    for name, fig in evaluation_figures(result.traces).items():
+        save_figure(fig, os.path.join(out, f"{name}.png"))
     if tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(out, "tb"))
-    for name, make in figs.items():
-        save_figure(make(), os.path.join(out, f"{name}.png"))
-        if writer is not None:
-            writer.add_figure(name, make(), close=True)
-    if writer is not None:
-        from .plots import pad_curves
-        for method, cs in loss.items():
-            tag = method.replace(" ", "_")
-            with np.errstate(all="ignore"):
-                med = np.nanmedian(np.where(np.isfinite(pad_curves(cs)), pad_curves(cs), np.nan), axis=0)
-            for t, v in enumerate(med):
-                if np.isfinite(v):
-                    writer.add_scalar(f"median_loss/{tag}", float(v), t)
-            for key in ("success_rate", "epochs_to_target_mean", "auc_log_loss_mean", "final_loss_median"):
-                v = result.summary[method][key]
-                if isinstance(v, float) and math.isfinite(v):
-                    writer.add_scalar(f"summary/{key}/{tag}", v, 0)
-        writer.close()
+        write_tensorboard(result, os.path.join(out, "tb"))
+
+
+def write_tensorboard(result: EvalResult, tb_dir: str) -> None:
+    """TensorBoard logs of an evaluation: one sub-run per method (``tb/<method>``) with shared tags, so a
+    chart overlays every method: ``curve/log10_loss_over_target`` (median over seeds, per epoch; 0 = target),
+    ``curve/scale_W`` and ``curve/scale_H`` (step / bound); each sub-run's HParams row holds the method and
+    its metrics (failures counted at the budget), sortable in the HParams tab; the results table and the
+    config as text, the figures as images (top-level run)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    from .plots import evaluation_figures, is_policy, rank_key
+    top = SummaryWriter(tb_dir)
+    top.add_text("results", result.markdown, 0)
+    top.add_text("config", "```\n" + json.dumps(_clean(result.config), indent=2, default=_json_default) + "\n```", 0)
+    for name, fig in evaluation_figures(result.traces).items():
+        top.add_figure(name, fig, 0, close=True)
+    top.close()
+    for method, traces in result.traces.items():
+        tag = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in method)
+        w = SummaryWriter(os.path.join(tb_dir, tag))
+        length = max(len(t.loss) for t in traces)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            from .plots import pad_curves
+            rel = pad_curves([np.where(np.isfinite(t.loss), t.loss, np.nan) / t.target_loss for t in traces], length)
+            med = np.nanmedian(rel, axis=0)
+            scales = {f: np.nanmedian(pad_curves([getattr(t, f"lr_{f}") / getattr(t, f"bound_{f}") for t in traces],
+                                                 length - 1, "nan"), axis=0) for f in "WH"}
+        for t in range(length):
+            if np.isfinite(med[t]) and med[t] > 0:
+                w.add_scalar("curve/log10_loss_over_target", float(np.log10(med[t])), t)
+            for f, arr in scales.items():
+                if t < len(arr) and np.isfinite(arr[t]) and arr[t] > 0:
+                    w.add_scalar(f"curve/scale_{f}", float(arr[t]), t + 1)
+        s = result.summary[method]
+        ett, ratio = rank_key(traces)
+        metrics = {"eval/epochs_to_target": ett, "eval/success_rate": s["success_rate"],
+                   "eval/divergence_rate": s["diverged_rate"], "eval/final_loss_ratio": ratio}
+        metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        exp, ssi, sei = hparams_summary({"method": method, "learned": is_policy(method)}, metrics)
+        for summ in (exp, ssi, sei):
+            w.file_writer.add_summary(summ)
+        for k, v in metrics.items():
+            w.add_scalar(k, v, 0)
+        w.close()
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -39,6 +39,8 @@ class Trace:
     """The loss less its regularisation, per epoch like ``loss``; the target is compared with it when the
     family's ``target_metric`` is 'fit' (otherwise None or unused)."""
     target_metric: str = "loss"
+    heldout_reference: float = float("nan")
+    """The held-out MSE of the generating factors where the family knows it (sales), else NaN."""
 
     @property
     def target_curve(self) -> np.ndarray:
@@ -53,7 +55,7 @@ class Trace:
 
 RESULT_COLUMNS = ("method", "seed_index", "instance", "epochs", "reached_target", "diverged", "epochs_to_target",
                   "wall_to_target", "wall_time", "initial_loss", "final_loss", "best_loss", "target_loss",
-                  "heldout_mse", "auc_log_loss", "extra_loss_evals", "mean_lr_W", "mean_lr_H", "mean_scale_W",
+                  "heldout_mse", "heldout_ratio", "auc_log_loss", "extra_loss_evals", "mean_lr_W", "mean_lr_H", "mean_scale_W",
                   "mean_scale_H")
 
 
@@ -98,7 +100,8 @@ def trace_metrics(tr: Trace) -> dict[str, Any]:
         "wall_to_target": float(tr.wall[int(ett)]) if not math.isnan(ett) else math.nan,
         "wall_time": float(tr.wall[-1]), "initial_loss": float(tr.loss[0]), "final_loss": float(tr.loss[-1]),
         "best_loss": float(finite.min()) if len(finite) else math.nan, "target_loss": float(tr.target_loss),
-        "heldout_mse": float(tr.heldout_mse),
+        "heldout_mse": float(tr.heldout_mse), "heldout_ratio": (float(tr.heldout_mse) / tr.heldout_reference
+                                                        if tr.heldout_reference > 0 else math.nan),
         "auc_log_loss": auc_log_loss(tr.loss, tr.budget, diverged=tr.diverged, divergence_factor=tr.divergence_factor),
         "extra_loss_evals": int(tr.extra_loss_evals), "mean_lr_W": _nanmean(tr.lr_W), "mean_lr_H": _nanmean(tr.lr_H),
         "mean_scale_W": _nanmean(sW), "mean_scale_H": _nanmean(sH),

@@ -182,7 +182,7 @@ def loss_of(V: np.ndarray, W: np.ndarray, H: np.ndarray, mask: np.ndarray | None
 # ----------------------------------------------------------------------------- synthetic NMF
 PAPER_PRESETS = {
     "small": dict(m=1000, n=100, rank=10, budget=200, num_blocks=10),
-    "medium": dict(m=3000, n=300, rank=30, budget=300, num_blocks=10),
+    "medium": dict(m=3000, n=300, rank=30, budget=1000, num_blocks=10),
     "paper": dict(m=10000, n=1000, rank=100, budget=1000, num_blocks=10),
 }
 
@@ -196,7 +196,11 @@ def paper_family(preset: str = "small", *, m: int | None = None, n: int | None =
     ``W0``, ``H0`` have U(0, 1) entries kept with probability ``density``; ``noise`` is the standard
     deviation of the additive Gaussian noise relative to the standard deviation of ``W0 H0``.
     The target loss is ``target_factor`` times the loss of the generating factors: reaching it means
-    fitting the data as well as the truth does (a pure rank-r fit can get a little below it).
+    fitting the data as well as the truth does (a pure rank-r fit gets 7-9 % below it, so the target is
+    crossed while the loss still falls, not decided on the final plateau). Measured on validation instances
+    (fixed c = 0.8 ... 1.1): ``small`` reaches it in 70-220 epochs, ``medium`` in 460-875 — hence medium's
+    budget of 1000 epochs (the paper's; at 300 no SGD schedule reached it) — and scikit-learn's coordinate
+    descent in ~30 and ~77 iterations.
     """
     if preset not in PAPER_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PAPER_PRESETS)}")
@@ -233,14 +237,17 @@ def paper_family(preset: str = "small", *, m: int | None = None, n: int | None =
 
 # ----------------------------------------------------------------------------- sales
 def sales_family(*, products: int = 1000, stores: int = 100, true_rank: int = 12, rank: int = 8,
-                 observed: float = 0.5, target_factor: float = 1.0, budget: int = 300,
+                 observed: float = 0.5, target_factor: float = 1.0, budget: int = 500,
                  num_blocks: int = 10) -> ProblemFamily:
     """Partially observed sales matrix (SPEC §3.2).
 
     ``A_p = exp(N(0,1)) * w``, ``A_s = exp(N(0,1)) * w`` with ``w = 10^linspace(0, -2, true_rank)``;
     ``sales = A_p A_s^T``; each entry is observed with probability ``observed`` and the rest is the
     held-out set. The target is ``target_factor`` times the training loss of the true top-``rank``
-    factors; ``info['truth_heldout_mse']`` is their held-out MSE (the forum's reference, ~7e-5).
+    factors; ``info['truth_heldout_mse']`` is their held-out MSE (the forum's reference, ~7e-5), and results
+    report the held-out MSE relative to it (``heldout_ratio``): the family's point is generalisation.
+    Masked ALS (the reference a user would pick) reaches the target in 110-215 iterations on most instances
+    (hence the 500-epoch budget); no SGD schedule does, so SGD runs are compared by final loss and held-out error.
     """
     _check_rank("sales", rank, products, stores)
     if not 0 < observed < 1:

@@ -74,6 +74,7 @@ class _Problem:
         self.f0 = float(info["loss"])
         self.fit0 = float(info["fit"])
         self.target_metric = env.family.target_metric
+        self.heldout_reference = float(p.info.get("truth_heldout_mse", float("nan")))
         self.row_index = env.engine.row_index[0].copy()
         self.num_blocks = env.engine.cfg.num_blocks
 
@@ -132,7 +133,7 @@ class _Recorder:
                      bound_W=nan, bound_H=nan.copy(), budget=self.budget, diverged=self.diverged,
                      reached_target=self.reached, heldout_mse=self.prob.heldout_mse(W, H) if not self.diverged else float("nan"),
                      extra_loss_evals=extra, divergence_factor=self.div, notes=notes or {}, fit=np.array(self.fit),
-                     target_metric=self.prob.target_metric)
+                     target_metric=self.prob.target_metric, heldout_reference=self.prob.heldout_reference)
 
 
 # ----------------------------------------------------------------------------- Adam

@@ -133,11 +133,13 @@ class TaskConfig:
         return lr, a, invalid
 
     def action_for_scale(self, scale: np.ndarray | float) -> np.ndarray:
-        """'log_bound' action that gives lr = scale * (2/L) (scale clipped into the covered range)."""
+        """'log_bound' action that gives lr = scale * (2/L) (scale clipped into the covered range): an element
+        of :meth:`action_space` (shape (1,)) for a scalar scale, shape (B,) for B scales."""
         if self.action_mode != "log_bound":
             raise ValueError("action_for_scale needs action_mode='log_bound'")
         s = np.maximum(np.asarray(scale, dtype=np.float64), _TINY)
-        return np.clip(np.log10(s / self.action_center) / self.log_range, -1.0, 1.0).astype(np.float32)
+        a = np.clip(np.log10(s / self.action_center) / self.log_range, -1.0, 1.0).astype(np.float32)
+        return a.reshape(1) if a.ndim == 0 else a
 
 
 class EpisodeTracker:
@@ -211,19 +213,22 @@ class EpisodeTracker:
         # the episode ends at the first epoch at or below the target, so "now" is "ever" here
         reached = ~diverged & (stats[:, self._target_col] <= self.target)
         remaining = cfg.budget - self.epoch
-        reward = (w.improvement * gain - w.time_cost
-                  + np.where(reached, w.remaining * remaining, 0.0)
-                  - np.where(diverged, w.divergence_penalty, 0.0))
+        terms = (w.improvement * gain, np.full(self.B, -w.time_cost), np.where(reached, w.remaining * remaining, 0.0),
+                 np.where(diverged, -w.divergence_penalty, 0.0))
+        reward = terms[0] + terms[1] + terms[2] + terms[3]
         terminated = diverged | reached
         truncated = ~terminated & (self.epoch >= cfg.budget)
         self.done = terminated | truncated
-        infos = self._infos(lr, 2.0 / np.maximum(prev_L, _TINY), diverged, reached, invalid)
+        infos = self._infos(lr, 2.0 / np.maximum(prev_L, _TINY), diverged, reached, invalid, terms=terms)
         return self.observe(), reward, terminated, truncated, infos
 
     _INFO_KEYS = ("epoch", "loss", "fit", "best_loss", "target_loss", "grad_norm", "lr_W", "lr_H", "bound_W",
                   "bound_H", "diverged", "reached_target", "invalid_action")
+    REWARD_TERMS = ("reward_improvement", "reward_time", "reward_target", "reward_divergence")
+    """The reward split into its terms (they sum to the reward): improvement bonus, time cost (<= 0), epochs
+    remaining when the target is reached, divergence penalty (<= 0). In every step's info."""
 
-    def _infos(self, lr, bound, diverged, reached, invalid, slots=slice(None)) -> list[dict]:
+    def _infos(self, lr, bound, diverged, reached, invalid, slots=slice(None), terms=None) -> list[dict]:
         """The info dicts of ``slots`` (all by default; the other arguments hold one row per listed slot),
         built from whole columns: one conversion per field, not one per slot and field (this runs every
         step of every env)."""
@@ -232,7 +237,9 @@ class EpisodeTracker:
         cols = [self.epoch[slots].tolist(), s[:, STAT_LOSS].tolist(), s[:, STAT_FIT].tolist(), self.best[slots].tolist(),
                 self.target[slots].tolist(), s[:, STAT_GRAD_NORM].tolist(), lr[:, 0].tolist(), lr[:, 1].tolist(),
                 bound[:, 0].tolist(), bound[:, 1].tolist(), *flags]
-        infos = [dict(zip(self._INFO_KEYS, row)) for row in zip(*cols)]
+        zero = np.zeros(len(cols[0]))
+        cols += [np.asarray(t)[slots].tolist() if terms is not None else zero.tolist() for t in (terms or (0,) * 4)]
+        infos = [dict(zip(self._INFO_KEYS + self.REWARD_TERMS, row)) for row in zip(*cols)]
         if self.has_heldout:
             for info, mse in zip(infos, s[:, STAT_HELDOUT].tolist()):
                 info["heldout_mse"] = mse

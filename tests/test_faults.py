@@ -83,7 +83,7 @@ def _assert_tensorboard_has_no_duplicate_steps(run_dir: Path) -> int:
     events = EventAccumulator(str(run_dir / "tb_1"))
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert "train/value_loss" in tags and "episode/epochs" in tags
+    assert "train/value_loss" in tags and "episode/epochs_to_target" in tags, tags
     last = 0
     for tag in tags:
         steps = [e.step for e in events.Scalars(tag)]

@@ -48,10 +48,22 @@ def test_train_save_reload_evaluate_and_tensorboard(tmp_path):
     events = EventAccumulator(glob.glob(str(run_dir / "tb_*"))[0])
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    for tag in ("train/value_loss", "train/policy_gradient_loss", "eval/mean_reward", "episode/epochs",
-                "episode/diverged", "episode/mean_lr_scale", "eval/learned_epochs_to_target"):
+    for tag in ("train/value_loss", "train/policy_gradient_loss", "heldout/mean_return", "heldout/epochs_to_target",
+                "heldout/success_rate", "heldout/divergence_rate", "heldout/final_loss_ratio",
+                "heldout/learned_over_best_fixed", "heldout/above_cliff_W", "episode/epochs_to_target",
+                "episode/success_rate", "episode/divergence_rate", "episode/reward_improvement", "episode/reward_target"):
         assert tag in scalars, tag
-    assert "eval/schedule" in events.Tags()["images"]
+    learned = events.Scalars("heldout/epochs_to_target")
+    assert [e.step for e in learned] == [1024, 2048]  # one held-out evaluation, on the timestep axis
+    assert all(0 < e.value <= 60 for e in learned)  # failures count at the budget (60): never NaN
+    assert "heldout/schedule" in events.Tags()["images"]
+    assert {"heldout/log10_scale_W", "heldout/log10_scale_H", "rollout/log10_scale_W"} <= set(events.Tags()["histograms"])
+    assert {"config/text_summary", "heldout/table/text_summary"} <= set(events.Tags()["tensors"])
+    baselines = glob.glob(str(run_dir / "tb_*" / "baselines" / "*"))
+    assert len(baselines) == 3  # sub-runs with the same tags: overlaid with the learned curve
+    base = EventAccumulator(baselines[0])
+    base.Reload()
+    assert [e.step for e in base.Scalars("heldout/epochs_to_target")] == [1024, 2048]
     raw = b"".join(Path(p).read_bytes() for p in glob.glob(str(run_dir / "tb_*" / "events*")))
     assert b"_hparams_/session_start_info" in raw  # the HParams tab
 

@@ -77,7 +77,7 @@ def epoch_flops(m: int, n: int, r: int) -> float:
 def _action(env_like, B: int | None = None) -> np.ndarray:
     """A safe constant action (half the stability bound in 'log_bound' mode)."""
     task = env_like.task
-    a = float(task.action_for_scale(0.5)) if task.action_mode == "log_bound" else 1e-4
+    a = float(task.action_for_scale(0.5)[0]) if task.action_mode == "log_bound" else 1e-4
     return np.full((1,) if B is None else (B, 1), a, dtype=np.float32)
 
 

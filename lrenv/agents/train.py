@@ -103,6 +103,28 @@ def parse_override(text: str) -> tuple[str, object]:
         raise ValueError(f"override {text!r}: the value is not valid YAML ({_yaml_error(e)})") from None
 
 
+def hyperparams_key(problem: str, table: dict, path: str | Path = HYPERPARAMS) -> str:
+    """The entry of an rl-zoo hyperparameter file for ``problem``: its gymnasium id (``small`` ->
+    ``lrenv/NMF-small-v0``; a matrix file -> the generic ``lrenv/NMF-v0``), else the bare family name
+    (files keyed by family before the ids existed; ``matrix`` for matrix files)."""
+    from lrenv import ENV_ID, ENV_IDS
+    is_file = bool(os.path.splitext(problem)[1])
+    for key in (ENV_IDS.get(problem, ENV_ID if is_file else None), problem, "matrix" if is_file else None):
+        if key is not None and key in table:
+            return key
+    from lrenv.problems import suggest
+    wanted = ENV_IDS.get(problem, ENV_ID if is_file else problem)
+    names = [name for name, id_ in ENV_IDS.items() if id_ in table] + [k for k in table if "/" not in k]
+    raise ValueError(f"no hyperparameters for problem {problem!r} in {path} (looked for {wanted!r}).{suggest(problem, names)}")
+
+
+def run_name(problem: str, exp: str, seed: int, when: float | None = None) -> str:
+    """``{problem}__{exp}__{seed}__{YYYYmmdd-HHMMSS}``: the one run-naming scheme (``lrenv evaluate`` names its
+    directories ``{problem}__eval__{seed}__{stamp}``), sortable by time and readable at a glance."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+    return f"{Path(problem).stem or 'problem'}__{exp}__{seed}__{stamp}"
+
+
 def load_hyperparams(problem: str, overrides: list[str] | None = None, path: str | Path = HYPERPARAMS) -> dict:
     """The family's hyperparameters from ``path`` with ``key:value`` overrides applied, checked against the schema
     (lrenv.agents.validate): every error names the file, the override or the key."""
@@ -113,11 +135,8 @@ def load_hyperparams(problem: str, overrides: list[str] | None = None, path: str
     except yaml.YAMLError as e:
         raise ValueError(f"--hyperparams {path}: not valid YAML ({_yaml_error(e)})") from None
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
-        raise ValueError(f"--hyperparams {path}: expected a mapping of problem name -> hyperparameters")
-    name = problem if problem in table else ("matrix" if os.path.splitext(problem)[1] else None)
-    if name is None:
-        from lrenv.problems import suggest
-        raise ValueError(f"no hyperparameters for problem {problem!r} in {path}.{suggest(problem, table)}")
+        raise ValueError(f"--hyperparams {path}: expected a mapping of env id (or problem name) -> hyperparameters")
+    name = hyperparams_key(problem, table, path)
     hp = dict(table[name])
     for text in overrides or []:
         key, value = parse_override(text)
@@ -271,7 +290,7 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, Path | None, int]:
 def new_run_dir(cfg: TrainConfig) -> Path:
     """The (not yet created) directory of a new run; inside ``runs_dir`` by construction (checked)."""
     root = Path(cfg.runs_dir)
-    run_dir = root / f"{Path(cfg.problem).stem}__{cfg.exp}__{cfg.seed}__{int(time.time())}"
+    run_dir = root / run_name(cfg.problem, cfg.exp, cfg.seed)
     if root.resolve() not in run_dir.resolve().parents:
         raise ValueError(f"--exp {cfg.exp!r}: the run directory {run_dir} would lie outside {root}")
     return run_dir
@@ -293,9 +312,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
     Every setting is validated before anything is built; the run directory is created only once the model
     exists. ``resume``: continue from the newest checkpoint that loads (a finished run only when
     ``n_timesteps`` was raised, from its final model)."""
-    from stable_baselines3.common.callbacks import CallbackList, EvalCallback
+    from stable_baselines3.common.callbacks import CallbackList
 
-    from lrenv.agents.callbacks import EpisodeStatsCallback, HParamCallback, ScheduleFigureCallback
+    from lrenv.agents.callbacks import EpisodeStatsCallback, HeldoutEvalCallback, HParamCallback, ProgressCallback
 
     validate_config(cfg)
     torch.set_num_threads(cfg.torch_threads)
@@ -305,7 +324,6 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
     task, env = task_of(venv), cfg.env_kwargs
     from lrenv.problems import VALIDATION_SEEDS  # model selection never sees the test split
     eval_seeds = [VALIDATION_SEEDS[i] for i in range(cfg.eval_episodes)]
-    eval_env = wrap_normalize(make_vec_env(cfg, 1, eval_seeds, seed=cfg.seed + 10_000), hp, training=False)
     created, fresh = False, resume is None
     try:
         if resume is None:
@@ -315,6 +333,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
             run_dir.mkdir(parents=True, exist_ok=False)
             created = True
             write_config(cfg, run_dir)
+            print(f"run directory: {run_dir}", flush=True)
             done = 0
         else:
             run_dir = Path(resume)
@@ -324,7 +343,6 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
                 print(f"{run_dir} is complete ({finished} timesteps); nothing to do. To train it further, raise "
                       f"n_timesteps: lrenv train --resume {run_dir} n_timesteps:{2 * finished}")
                 venv.close()
-                eval_env.close()
                 return run_dir
             for stale in remove_stale_temporaries(run_dir):
                 print(f"removed {stale} (left by an interrupted write)", file=sys.stderr)
@@ -352,32 +370,31 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
                                             else 0))
     except BaseException:
         venv.close()
-        eval_env.close()
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained yet: leave no empty run behind
         raise
 
     every = lambda steps: max(steps // n_envs, 1)  # noqa: E731  (callbacks count vector steps)
+    from lrenv import NMFEnv
+    budget = NMFEnv(**cfg.env_kwargs).task.budget  # (no engine is built: cheap)
     callbacks = [
         SafeCheckpointCallback(cfg.checkpoint_freq, run_dir / CHECKPOINT_DIR, task=task, env=env, start=done),
-        EpisodeStatsCallback(),
+        EpisodeStatsCallback(budget),
         HParamCallback(cfg),
     ]
-    if cfg.eval_freq > 0:
-        callbacks += [
-            EvalCallback(eval_env, n_eval_episodes=cfg.eval_episodes, eval_freq=every(cfg.eval_freq),
-                         callback_on_new_best=SaveBestCallback(run_dir / "best_model.zip", task=task, env=env),
-                         deterministic=True, verbose=0),
-            ScheduleFigureCallback(cfg, eval_seeds[: min(3, len(eval_seeds))], every(cfg.eval_freq)),
-        ]
+    if cfg.eval_freq > 0:  # one validation evaluation (learned vs fixed baselines, failures counted), one step axis
+        callbacks.append(HeldoutEvalCallback(
+            dict(cfg.env_kwargs, device=cfg.env_device, threads=env_threads(cfg)), eval_seeds, every(cfg.eval_freq),
+            run_dir, seed=cfg.seed + 10_000,
+            save_best=lambda path: save_policy(model, path, task=task, env=env, vecnorm=model.get_vec_normalize_env())))
+    callbacks.append(ProgressCallback([cfg.eval_freq, cfg.checkpoint_freq], bar=cfg.progress))
     callbacks += list(extra_callbacks)
     write_config(cfg, run_dir, {"validation_instances": eval_seeds})
     remaining = hp["n_timesteps"] - done
     start = time.time()
     try:
         if remaining > 0:
-            model.learn(remaining, callback=CallbackList(callbacks), reset_num_timesteps=fresh,
-                        progress_bar=cfg.progress)
+            model.learn(remaining, callback=CallbackList(callbacks), reset_num_timesteps=fresh, progress_bar=False)
     except KeyboardInterrupt:
         save_model(model, run_dir, "interrupted", task=task, env=env)
         print(f"interrupted at {model.num_timesteps} timesteps (policy and statistics in {run_dir / 'interrupted.zip'}); "
@@ -385,7 +402,6 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
         raise
     finally:
         venv.close()
-        eval_env.close()
         model.logger.close()
     save_model(model, run_dir, task=task, env=env)
     write_config(cfg, run_dir, {"validation_instances": eval_seeds,
