@@ -159,6 +159,10 @@ def _nnls_gram(G: np.ndarray, c: np.ndarray) -> np.ndarray:
     return w
 
 
+_PIVOT_ROUNDS = 10
+"""Batched principal-pivoting rounds before the remaining rows go to the one-row active-set solver."""
+
+
 def _solve_passive(G: np.ndarray, C: np.ndarray, active: np.ndarray) -> np.ndarray:
     """Batched ``w_F = G_FF^{-1} c_F``, ``w_A = 0`` per row for the active sets ``active`` (m, r)."""
     r = G.shape[-1]
@@ -176,10 +180,11 @@ def _als_rows(V: np.ndarray, M: np.ndarray | None, H: np.ndarray, reg: float, no
     """Every row ``w_i = argmin 1/2 ||M_i o (V_i - w H)||^2 + reg/2 ||w||^2`` (``w >= 0`` if nonneg).
 
     Non-negative rows are solved exactly: a row is accepted from a batched solve only when it meets
-    the NNLS optimality (KKT) conditions -- first with no active constraint, then with the active set
-    of ``warm`` (the previous iterate: near convergence it rarely changes) -- and every other row goes
-    to the active-set solver. The KKT test allows a gradient of -1e-10 x the row's scale on the
-    active set (rounding)."""
+    the NNLS optimality (KKT) conditions -- first with no active constraint, then by batched block
+    principal pivoting from the active set of ``warm`` (the previous iterate: near convergence it
+    rarely changes) -- and rows still open after :data:`_PIVOT_ROUNDS` rounds (pivoting can cycle)
+    go to the one-row active-set solver. The KKT test allows a gradient of -1e-10 x the row's scale
+    on the active set (rounding)."""
     m, r = V.shape[0], H.shape[0]
     if M is None:  # one Gram matrix for every row
         G = np.broadcast_to(H @ H.T + reg * np.eye(r), (m, r, r))
@@ -191,15 +196,24 @@ def _als_rows(V: np.ndarray, M: np.ndarray | None, H: np.ndarray, reg: float, no
     if not nonneg:
         return Wn
     todo = np.any(Wn < 0, axis=1)
-    if warm is not None and np.any(todo):
+    if np.any(todo):
+        # block principal pivoting (Kim & Park 2011), all rows at once: start from the previous
+        # iterate's zeros (or the negative entries), swap every variable that violates KKT, repeat
         idx = np.nonzero(todo)[0]
-        active = warm[idx] <= 0
-        w = _solve_passive(G[idx], C[idx], active)
-        grad = np.einsum("ikl,il->ik", G[idx], w) - C[idx]
-        tol = 1e-10 * (np.abs(C[idx]).max(axis=1, keepdims=True) + 1e-300)
-        ok = np.all(np.where(active, grad >= -tol, w >= 0), axis=1)
-        Wn[idx[ok]] = np.where(active[ok], 0.0, w[ok])
-        todo[idx[ok]] = False
+        active = (warm[idx] <= 0) if warm is not None else (Wn[idx] < 0)
+        Gi, Ci = G[idx], C[idx]
+        tol = 1e-10 * (np.abs(Ci).max(axis=1, keepdims=True) + 1e-300)
+        for _ in range(_PIVOT_ROUNDS):
+            w = _solve_passive(Gi, Ci, active)
+            grad = np.einsum("ikl,il->ik", Gi, w) - Ci
+            bad = np.where(active, grad < -tol, w < 0)
+            ok = ~np.any(bad, axis=1)
+            Wn[idx[ok]] = np.where(active[ok], 0.0, w[ok])
+            todo[idx[ok]] = False
+            keep = ~ok
+            if not np.any(keep):
+                break
+            idx, Gi, Ci, tol, active = idx[keep], Gi[keep], Ci[keep], tol[keep], active[keep] ^ bad[keep]
     for i in np.nonzero(todo)[0]:
         Wn[i] = _nnls_gram(G[i], C[i])
     return Wn

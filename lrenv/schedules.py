@@ -282,7 +282,8 @@ class Polyak(Schedule):
         super().__init__()
         if isinstance(f_star, str):
             if f_star != "level":
-                raise ValueError(f"Polyak: f_star must be 'level' or a number (0.0 = the classic step), got {f_star!r}")
+                raise ValueError(f"Polyak: f_star must be 'level' or a number (0.0 = the classic step), "
+                                 f"got {f_star!r}")
         elif not math.isfinite(f_star):
             raise ValueError(f"Polyak: f_star must be finite, got {f_star!r}")
         if not (0 < margin and up >= 1 and 0 < down < 1):

@@ -45,6 +45,8 @@ from .metrics import Trace
 from .problems import EVAL_SEEDS
 
 BASELINES_EXTRA = 'pip install "lrenv[baselines]"'
+_Made = tuple[torch.optim.Optimizer, dict]
+"""An optimizer and the notes to record about it."""
 
 
 @dataclass(frozen=True)
@@ -55,32 +57,33 @@ class TorchOptimizer:
     """Import name of the PyPI package it needs (None: torch itself)."""
     pip_name: str | None
     """Its name on PyPI."""
-    make: Callable[[torch.Tensor, torch.Tensor, "_Problem", dict], tuple[torch.optim.Optimizer, dict]]
+    make: Callable[[torch.Tensor, torch.Tensor, "_Problem", dict], _Made]
     """``make(W, H, prob, options) -> (optimizer, notes)``."""
     description: str
 
 
 def _import(name: str) -> Any:
+    """Import an optional package (only called after :func:`applicability` found it)."""
     return importlib.import_module(name)
 
 
-def _make_adam(W, H, prob, o):
+def _make_adam(W: torch.Tensor, H: torch.Tensor, prob: "_Problem", o: dict) -> _Made:
     scale = float(np.sqrt(np.mean(np.concatenate([prob.W0.ravel(), prob.H0.ravel()]) ** 2))) or 1.0
     lr = float(o.pop("lr_rel", 0.02)) * scale
     return torch.optim.Adam([W, H], lr=lr, **o), {"lr0": lr}
 
 
-def _make_prodigy(W, H, prob, o):
+def _make_prodigy(W: torch.Tensor, H: torch.Tensor, prob: "_Problem", o: dict) -> _Made:
     return _import("prodigyopt").Prodigy([W, H], **{"lr": 1.0, **o}), {}
 
 
-def _make_dadapt(cls: str):
-    def make(W, H, prob, o):
+def _make_dadapt(cls: str) -> Callable[..., _Made]:
+    def make(W: torch.Tensor, H: torch.Tensor, prob: "_Problem", o: dict) -> _Made:
         return getattr(_import("dadaptation"), cls)([W, H], **{"lr": 1.0, **o}), {}
     return make
 
 
-def _make_schedulefree_sgd(W, H, prob, o):
+def _make_schedulefree_sgd(W: torch.Tensor, H: torch.Tensor, prob: "_Problem", o: dict) -> _Made:
     """Schedule-free SGD takes a learning rate (its defaults: lr 1, momentum 0.9): lr = c/L per factor at
     the initial point (``c``, default 1, the middle of the stable range), the same scale as ``fixed c``."""
     c = float(o.pop("c", 1.0))
@@ -90,8 +93,8 @@ def _make_schedulefree_sgd(W, H, prob, o):
     return opt, {"lr_W0": lrW, "lr_H0": lrH, "c": c}
 
 
-def _make_dog(cls: str):
-    def make(W, H, prob, o):
+def _make_dog(cls: str) -> Callable[..., _Made]:
+    def make(W: torch.Tensor, H: torch.Tensor, prob: "_Problem", o: dict) -> _Made:
         return getattr(_import("dog"), cls)([W, H], **o), {}
     return make
 
@@ -319,11 +322,6 @@ def _torch_opt(prob: _Problem, rec: _Recorder, rng: np.random.Generator, name: s
             return Wn, Hn, notes
         if plateau is not None:
             plateau.step(loss)
-
-
-def _adam(prob: _Problem, rec: _Recorder, rng: np.random.Generator, **options: Any) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Adam + ReduceLROnPlateau (``lr_rel`` x the RMS of the initial parameters, ``patience``, ``factor``)."""
-    return _torch_opt(prob, rec, rng, "adam", **options)
 
 
 # ----------------------------------------------------------------------------- HALS and masked ALS

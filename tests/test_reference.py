@@ -65,8 +65,12 @@ def test_hals_equals_scikit_learn_coordinate_descent():
     np.testing.assert_allclose(H, Hs, rtol=1e-9, atol=1e-12)
 
 
-def test_one_als_step_matches_row_by_row_nnls():
-    """Each row of W after one ALS iteration is scipy's NNLS on that row's observed entries (+ ridge rows)."""
+@pytest.mark.parametrize("pivot_rounds", [0, 10])
+def test_one_als_step_matches_row_by_row_nnls(pivot_rounds, monkeypatch):
+    """Each row of W after one ALS iteration is scipy's NNLS on that row's observed entries (+ ridge rows),
+    whether the batched pivoting or the one-row active-set solver settles it."""
+    import lrenv.reference as reference
+    monkeypatch.setattr(reference, "_PIVOT_ROUNDS", pivot_rounds)
     rng = np.random.default_rng(3)
     V = rng.uniform(size=(15, 12))
     mask = rng.uniform(size=V.shape) < 0.5
