@@ -72,7 +72,10 @@ REGISTRY: dict[str, tuple[str, Callable[[Sequence[float] | None], list[Method]]]
     "random-bound": ("lr = U(0,1) x 2/L, fresh each epoch (paper Fig. 3)", lambda g: [RandomUnderBound()]),
     "random-walk": ("random walk of the scale within +-50 % around 0.5 x 2/L (paper Fig. 4)", lambda g: [RandomWalkBound()]),
     "armijo": ("Armijo backtracking from the bound on the full-batch loss, c = 0.5 (extra loss evaluations)", lambda g: [Armijo()]),
-    "polyak": ("Polyak step (F - 0) / ||grad||^2 for both factors", lambda g: [Polyak()]),
+    "polyak": ("Polyak step (F - f*) / ||grad||^2 for both factors, f* = running best minus an adaptive margin, "
+               "capped at 0.55 x the larger 2/L", lambda g: [Polyak()]),
+    "polyak-f0": ("classic Polyak step with f* = 0, uncapped (diverges where the loss cannot reach 0)",
+                  lambda g: [Polyak(0.0, cap=None)]),
     "bb": ("Barzilai-Borwein step from successive epochs", lambda g: [BarzilaiBorwein()]),
     "cosine": ("cosine decay from 0.55 x 2/L (c = 1.1) to 0.05 x 2/L over the budget", lambda g: [CosineDecay()]),
     "two-phase": ("high then decay: c = 1.1 for the first half of the budget, then c = 0.8", lambda g: [TwoPhase()]),
@@ -80,6 +83,18 @@ REGISTRY: dict[str, tuple[str, Callable[[Sequence[float] | None], list[Method]]]
     "sklearn-cd": ("scikit-learn NMF, coordinate descent, one iteration per epoch", lambda g: ["sklearn-cd"]),
     "sklearn-mu": ("scikit-learn NMF, multiplicative updates, one iteration per epoch", lambda g: ["sklearn-mu"]),
     "lm": ("Levenberg-Marquardt, damped Gauss-Newton on all parameters (small problems)", lambda g: ["lm"]),
+    "hals": ("HALS (Cichocki-Phan) for NMF, masked column/row updates on missing data, one sweep per epoch",
+             lambda g: ["hals"]),
+    "als-masked": ("alternating non-negative least squares over the observed entries, one sweep per epoch",
+                   lambda g: ["als-masked"]),
+    "prodigy": ("Prodigy (prodigyopt, lr 1) on the same minibatches; optional extra [baselines]", lambda g: ["prodigy"]),
+    "dadapt-sgd": ("D-Adaptation SGD (dadaptation, lr 1) on the same minibatches; [baselines]", lambda g: ["dadapt-sgd"]),
+    "dadapt-adam": ("D-Adaptation Adam (dadaptation, lr 1) on the same minibatches; [baselines]",
+                    lambda g: ["dadapt-adam"]),
+    "schedulefree-sgd": ("Schedule-Free SGD (schedulefree), lr = 1/L per factor at the start; [baselines]",
+                         lambda g: ["schedulefree-sgd"]),
+    "dog": ("DoG (dog-optimizer), one step size for W and H; [baselines]", lambda g: ["dog"]),
+    "ldog": ("layer-wise DoG (dog-optimizer), one step size per factor; [baselines]", lambda g: ["ldog"]),
 }
 PARAMETRIC = {"fixed-lr": FixedLR, "fixed-c": FixedScale}
 """``fixed-lr=0.01`` and ``fixed-c=1.3`` name one fixed schedule."""

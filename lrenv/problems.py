@@ -661,10 +661,13 @@ def matrix_family(path: str | os.PathLike | None = None, *, array: np.ndarray | 
                                      num_blocks=blocks, **({"target_note": note} if note else {})))
 
 
-def digits_family(*, rank: int = 16, **kw) -> ProblemFamily:
-    """scikit-learn's digits (1797 x 64 non-negative pixel intensities, ships with the package)."""
+def digits_family(*, rank: int = 16, holdout: float = 0.0, target_factor: float = 1.2, target_rel: float = 0.1,
+                  budget: int = 200, num_blocks: int = 10) -> ProblemFamily:
+    """scikit-learn's digits (1797 x 64 non-negative pixel intensities, ships with the package); the parameters
+    are :func:`matrix_family`'s."""
     from sklearn.datasets import load_digits
-    fam = matrix_family(array=load_digits().data, rank=rank, name="digits", **kw)
+    fam = matrix_family(array=load_digits().data, rank=rank, name="digits", holdout=holdout,
+                        target_factor=target_factor, target_rel=target_rel, budget=budget, num_blocks=num_blocks)
     fam.params["path"] = "sklearn.datasets.load_digits"
     return fam
 

@@ -8,16 +8,34 @@ loss reaches the instance's target or diverges.
 - ``adam``: Adam on the same row minibatches as the engine's (the engine's row partition, a fresh
   visiting order each epoch), with ReduceLROnPlateau on the epoch loss; projected onto >= 0 for
   non-negative families. The learning rate is relative to the RMS of the initial parameters.
+- Tuning-free optimizers through their own PyPI packages (the optional extra
+  ``pip install "lrenv[baselines]"``), on exactly Adam's minibatches and projection, with their
+  published defaults: ``prodigy`` (prodigyopt), ``dadapt-sgd`` / ``dadapt-adam`` (dadaptation),
+  ``schedulefree-sgd`` (schedulefree; its loss is evaluated at the averaged iterate, ``eval()`` mode),
+  ``dog`` / ``ldog`` (dog-optimizer). A missing package makes :func:`applicability` give a one-line
+  reason, so the harness skips the method with a note.
+- ``hals`` / ``als-masked``: :func:`lrenv.reference.hals` (non-negative families without
+  regularisation, masked or not) and :func:`lrenv.reference.masked_als` (alternating non-negative --
+  or, for signed families, plain -- least squares over the observed entries; the reference for
+  families with missing or held-out entries), one iteration per epoch.
 - ``sklearn-cd`` / ``sklearn-mu``: scikit-learn's NMF, one solver iteration per epoch (warm started
   with ``init='custom'``). Fully observed, unregularised non-negative families only.
 - ``lm``: Levenberg-Marquardt (damped Gauss-Newton on all parameters, explicit Jacobian); the
-  reference floor of ``illcond``. Small problems only.
+  reference floor of ``illcond``. Small problems only. The damping is capped (``lam_max``): when no
+  step decreases the loss even at the cap, the point is stationary to working precision and the run
+  ends there (``notes['stopped'] = 'damping saturated'``), so retries cost at most ``max_tries`` extra
+  loss evaluations per epoch and a converged run does not burn the rest of the budget on them.
+
+Held-out MSE is computed against the true values of the held-out entries (the problem's V keeps them; the mask keeps them out of training).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
 import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,7 +44,76 @@ from .env import NMFEnv
 from .metrics import Trace
 from .problems import reset_seed, split_seeds
 
-SOLVERS = ("adam", "sklearn-cd", "sklearn-mu", "lm")
+BASELINES_EXTRA = 'pip install "lrenv[baselines]"'
+_Made = tuple[torch.optim.Optimizer, dict]
+"""An optimizer and the notes to record about it."""
+
+
+@dataclass(frozen=True)
+class TorchOptimizer:
+    """A torch optimizer run by :func:`_torch_opt` on the engine's minibatches."""
+
+    package: str | None
+    """Import name of the PyPI package it needs (None: torch itself)."""
+    pip_name: str | None
+    """Its name on PyPI."""
+    make: Callable[[torch.Tensor, torch.Tensor, "_Problem", dict], _Made]
+    """``make(W, H, prob, options) -> (optimizer, notes)``."""
+    description: str
+
+
+def _import(name: str) -> Any:
+    """Import an optional package (only called after :func:`applicability` found it)."""
+    return importlib.import_module(name)
+
+
+def _make_adam(W: torch.Tensor, H: torch.Tensor, prob: "_Problem", o: dict) -> _Made:
+    scale = float(np.sqrt(np.mean(np.concatenate([prob.W0.ravel(), prob.H0.ravel()]) ** 2))) or 1.0
+    lr = float(o.pop("lr_rel", 0.02)) * scale
+    return torch.optim.Adam([W, H], lr=lr, **o), {"lr0": lr}
+
+
+def _make_prodigy(W: torch.Tensor, H: torch.Tensor, prob: "_Problem", o: dict) -> _Made:
+    return _import("prodigyopt").Prodigy([W, H], **{"lr": 1.0, **o}), {}
+
+
+def _make_dadapt(cls: str) -> Callable[..., _Made]:
+    def make(W: torch.Tensor, H: torch.Tensor, prob: "_Problem", o: dict) -> _Made:
+        return getattr(_import("dadaptation"), cls)([W, H], **{"lr": 1.0, **o}), {}
+    return make
+
+
+def _make_schedulefree_sgd(W: torch.Tensor, H: torch.Tensor, prob: "_Problem", o: dict) -> _Made:
+    """Schedule-free SGD takes a learning rate (its defaults: lr 1, momentum 0.9): lr = c/L per factor at
+    the initial point (``c``, default 1, the middle of the stable range), the same scale as ``fixed c``."""
+    c = float(o.pop("c", 1.0))
+    bW, bH = prob.bounds0
+    lrW, lrH = c * bW / 2.0, c * bH / 2.0
+    opt = _import("schedulefree").SGDScheduleFree([{"params": [W], "lr": lrW}, {"params": [H], "lr": lrH}], **o)
+    return opt, {"lr_W0": lrW, "lr_H0": lrH, "c": c}
+
+
+def _make_dog(cls: str) -> Callable[..., _Made]:
+    def make(W: torch.Tensor, H: torch.Tensor, prob: "_Problem", o: dict) -> _Made:
+        return getattr(_import("dog"), cls)([W, H], **o), {}
+    return make
+
+
+TORCH_OPTIMIZERS: dict[str, TorchOptimizer] = {
+    "adam": TorchOptimizer(None, None, _make_adam, "Adam + ReduceLROnPlateau"),
+    "prodigy": TorchOptimizer("prodigyopt", "prodigyopt", _make_prodigy, "Prodigy (lr 1)"),
+    "dadapt-sgd": TorchOptimizer("dadaptation", "dadaptation", _make_dadapt("DAdaptSGD"), "D-Adaptation SGD (lr 1)"),
+    "dadapt-adam": TorchOptimizer("dadaptation", "dadaptation", _make_dadapt("DAdaptAdam"),
+                                  "D-Adaptation Adam (lr 1)"),
+    "schedulefree-sgd": TorchOptimizer("schedulefree", "schedulefree", _make_schedulefree_sgd,
+                                       "Schedule-Free SGD, lr = 1/L per factor at the start"),
+    "dog": TorchOptimizer("dog", "dog-optimizer", _make_dog("DoG"), "DoG (one step size for W and H)"),
+    "ldog": TorchOptimizer("dog", "dog-optimizer", _make_dog("LDoG"), "layer-wise DoG (one step size per factor)"),
+}
+"""Optimizers run on the engine's minibatches; all but Adam come from optional packages."""
+
+SOLVERS = ("adam", "sklearn-cd", "sklearn-mu", "lm", "hals", "als-masked",
+           *(k for k in TORCH_OPTIMIZERS if k != "adam"))
 LM_MAX_JACOBIAN = 4_000_000
 """Largest Jacobian (residuals x parameters) the Levenberg-Marquardt solver builds."""
 
@@ -45,6 +132,21 @@ def applicability(name: str, env: NMFEnv) -> str | None:
             return f"{name}: scikit-learn's NMF cannot handle missing or held-out entries ({fam.name} is masked)"
         if env.engine.cfg.reg:
             return f"{name}: regularised loss differs from scikit-learn's objective"
+    if name in TORCH_OPTIMIZERS:
+        opt = TORCH_OPTIMIZERS[name]
+        if opt.package is not None and importlib.util.find_spec(opt.package) is None:
+            return (f"{name}: needs the optional package {opt.pip_name} (pip install {opt.pip_name}, or "
+                    f"{BASELINES_EXTRA})")
+    if name == "hals":
+        if not fam.nonneg:
+            return f"hals: HALS is a non-negative factorisation; {fam.name} has no sign constraint (try als-masked)"
+        if env.engine.cfg.reg:
+            return "hals: the regularised loss differs from HALS's objective (try als-masked)"
+    if name == "als-masked":
+        p = env.problem if env.problem is not None else fam.instance(split_seeds('validation')[0])
+        if _pinned(p):
+            return (f"als-masked: {fam.name} pins bias components (fixed columns of W / rows of H), which "
+                    "alternating least squares does not model; lm is this family's reference")
     if name == "lm":
         n_params = (fam.m + fam.n) * fam.rank
         if n_params * fam.m * fam.n > LM_MAX_JACOBIAN:
@@ -53,6 +155,11 @@ def applicability(name: str, env: NMFEnv) -> str | None:
     if name not in SOLVERS:
         return f"unknown solver {name!r}"
     return None
+
+
+def _pinned(p: Any) -> bool:
+    """Whether a problem has fixed (bias) components."""
+    return bool((p.free_W is not None and not np.all(p.free_W)) or (p.free_H is not None and not np.all(p.free_H)))
 
 
 class _Problem:
@@ -77,6 +184,8 @@ class _Problem:
         self.heldout_reference = float(p.info.get("truth_heldout_mse", float("nan")))
         self.row_index = env.engine.row_index[0].copy()
         self.num_blocks = env.engine.cfg.num_blocks
+        self.bounds0 = tuple(float(b) for b in env.oracle.bounds())
+        """(2/L_W, 2/L_H) at the initial point."""
 
     def fit(self, W: np.ndarray, H: np.ndarray) -> float:
         """The data term 1/2 ||M o (W H - V)||^2 (the loss less its regularisation)."""
@@ -136,9 +245,30 @@ class _Recorder:
                      target_metric=self.prob.target_metric, heldout_reference=self.prob.heldout_reference)
 
 
-# ----------------------------------------------------------------------------- Adam
-def _adam(prob: _Problem, rec: _Recorder, rng: np.random.Generator, lr_rel: float = 0.02, patience: int = 5,
-          factor: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict]:
+# ----------------------------------------------------------------------------- torch optimizers
+def _effective_lr(opt: torch.optim.Optimizer) -> float:
+    """The step size the optimizer applies now (first parameter group), for the trace's lr column:
+    D-Adaptation/Prodigy's ``d * lr`` (SGD form: ``/ ||g_0||``), DoG's ``eta``, else ``lr``."""
+    g = opt.param_groups[0]
+    if "eta" in g:
+        eta = g["eta"][0] if isinstance(g["eta"], (list, tuple)) else g["eta"]
+        return float(eta)
+    if "d" in g:
+        return float(g["d"] * g["lr"] / g["g0_norm"]) if "g0_norm" in g else float(g["d"] * g["lr"])
+    return float(g.get("scheduled_lr", g["lr"]))
+
+
+def _torch_opt(prob: _Problem, rec: _Recorder, rng: np.random.Generator, name: str,
+               **options: Any) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Run optimizer ``name`` of :data:`TORCH_OPTIMIZERS` on the engine's minibatches.
+
+    Each epoch visits the engine's row minibatches in a fresh random order; a minibatch's loss is
+    ``K`` times its share (an unbiased estimate of the full loss, the engine's convention), pinned
+    components get no gradient, and non-negative families are projected after every step. Schedule-
+    free optimizers (``train()``/``eval()``) are projected on both of their sequences and scored at
+    the averaged iterate. Adam (only) reduces its lr on plateaus of the epoch loss (``patience``,
+    ``factor``); other ``options`` go to the optimizer's constructor.
+    """
     dt = torch.float64
     W = torch.tensor(prob.W0, dtype=dt, requires_grad=True)
     H = torch.tensor(prob.H0, dtype=dt, requires_grad=True)
@@ -146,17 +276,36 @@ def _adam(prob: _Problem, rec: _Recorder, rng: np.random.Generator, lr_rel: floa
     M = None if prob.M is None else torch.tensor(prob.M, dtype=dt)
     fW = torch.tensor(prob.free_W, dtype=dt)
     fH = torch.tensor(prob.free_H, dtype=dt)[:, None]
-    scale = float(np.sqrt(np.mean(np.concatenate([prob.W0.ravel(), prob.H0.ravel()]) ** 2))) or 1.0
-    lr = lr_rel * scale
-    opt = torch.optim.Adam([W, H], lr=lr)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=factor, patience=patience)
+    o = dict(options)
+    plateau_kw = {"patience": o.pop("patience", 5), "factor": o.pop("factor", 0.5)} if name == "adam" else None
+    opt, notes = TORCH_OPTIMIZERS[name].make(W, H, prob, o)
+    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", **plateau_kw)
+               if plateau_kw is not None else None)
+    schedule_free = callable(getattr(opt, "eval", None)) and callable(getattr(opt, "train", None))
+    if schedule_free:
+        opt.train()
     K = prob.num_blocks
     rows = prob.row_index
     blocks = [torch.as_tensor(b[b >= 0]) for b in rows.reshape(K, -1)]  # the engine's minibatches
     blocks = [b for b in blocks if len(b)]
+
+    def project() -> None:
+        with torch.no_grad():
+            if not schedule_free:
+                W.clamp_(min=0)
+                H.clamp_(min=0)
+                return
+            # y = (1 - beta) z + beta x is stored in the parameters: project x and z, rebuild y
+            opt.eval()
+            for p in (W, H):
+                p.clamp_(min=0)
+                if "z" in opt.state[p]:
+                    opt.state[p]["z"].clamp_(min=0)
+            opt.train()
+
     rec.start()
     while True:
-        lr_now = opt.param_groups[0]["lr"]
+        lr_now = _effective_lr(opt)
         for k in rng.permutation(len(blocks)):
             idx = blocks[k]
             opt.zero_grad()
@@ -173,14 +322,38 @@ def _adam(prob: _Problem, rec: _Recorder, rng: np.random.Generator, lr_rel: floa
                 H.grad.mul_(fH)
             opt.step()
             if prob.nonneg:
-                with torch.no_grad():
-                    W.clamp_(min=0)
-                    H.clamp_(min=0)
-        Wn, Hn = W.detach().numpy(), H.detach().numpy()
+                project()
+        if schedule_free:
+            opt.eval()  # score the averaged iterate x
+        Wn, Hn = W.detach().numpy().copy(), H.detach().numpy().copy()
+        if schedule_free:
+            opt.train()
         loss = prob.loss(Wn, Hn)
         if rec.record(loss, lr_now, prob.fit(Wn, Hn) if prob.reg else None):
-            return Wn.copy(), Hn.copy(), {"lr0": lr}
-        plateau.step(loss)
+            return Wn, Hn, notes
+        if plateau is not None:
+            plateau.step(loss)
+
+
+# ----------------------------------------------------------------------------- HALS and masked ALS
+def _reference(prob: _Problem, rec: _Recorder, name: str, **options: Any) -> tuple[np.ndarray, np.ndarray, dict]:
+    """:func:`lrenv.reference.hals` / :func:`~lrenv.reference.masked_als` with one iteration per epoch
+    and the recorder's stopping rules as the callback. ALS uses the family's regularisation when it
+    has one, else the small ridge ``reg`` (default 1e-6)."""
+    from .reference import hals, masked_als
+    mask = None if prob.M is None else prob.M.astype(bool)
+
+    def callback(it: int, W: np.ndarray, H: np.ndarray) -> bool:
+        return rec.record(prob.loss(W, H), fit=prob.fit(W, H) if prob.reg else None)
+
+    rec.start()
+    if name == "hals":
+        W, H = hals(prob.V, prob.W0, prob.H0, mask=mask, iters=rec.budget, callback=callback, **options)
+        return W, H, {}
+    reg = float(options.pop("reg", prob.reg or 1e-6))
+    W, H = masked_als(prob.V, prob.W0, prob.H0, mask=mask, reg=reg, nonneg=prob.nonneg, iters=rec.budget,
+                      callback=callback, **options)
+    return W, H, {"reg": reg}
 
 
 # ----------------------------------------------------------------------------- scikit-learn
@@ -204,10 +377,19 @@ def _sklearn(prob: _Problem, rec: _Recorder, solver: str) -> tuple[np.ndarray, n
 
 # ----------------------------------------------------------------------------- Levenberg-Marquardt
 def _lm(prob: _Problem, rec: _Recorder, lam0: float = 1e-3, up: float = 3.0, down: float = 3.0,
-        max_tries: int = 20) -> tuple[np.ndarray, np.ndarray, dict]:
+        max_tries: int = 20, lam_min: float = 1e-12, lam_max: float = 1e10) -> tuple[np.ndarray, np.ndarray, dict]:
     """Marquardt's damped Gauss-Newton: solve ``(J^T J + lam diag(J^T J)) d = -J^T r``; accept and
     decrease ``lam`` if the loss drops, else increase ``lam`` and retry (each retry is an extra loss
-    evaluation). Non-negative families are projected after the step."""
+    evaluation, at most ``max_tries`` per epoch). Non-negative families are projected after the step.
+
+    ``lam`` stays in ``[lam_min, lam_max]``. When a trial at ``lam_max`` still does not decrease the
+    loss, the step is about ``-J^T r / (lam_max diag)``, a tiny gradient step: the point is stationary
+    to working precision, and the run stops there (``notes['stopped']``) instead of retrying until the
+    budget ends. Trial points that overflow count as failed trials (no floating-point warnings)."""
+    if not (0 < lam_min <= lam0 <= lam_max and up > 1 and down > 1 and max_tries >= 1):
+        raise ValueError(f"lm: need 0 < lam_min <= lam0 <= lam_max, up > 1, down > 1, max_tries >= 1; got "
+                         f"lam0={lam0}, lam_min={lam_min}, lam_max={lam_max}, up={up}, down={down}, "
+                         f"max_tries={max_tries}")
     m, r = prob.W0.shape
     n = prob.H0.shape[1]
     W, H = prob.W0.copy(), prob.H0.copy()
@@ -215,6 +397,7 @@ def _lm(prob: _Problem, rec: _Recorder, lam0: float = 1e-3, up: float = 3.0, dow
     ii, jj = np.nonzero(obs)
     free = np.concatenate([np.tile(prob.free_W, m), np.repeat(prob.free_H, n)]).astype(bool)
     lam, extra = lam0, 0
+    notes: dict[str, Any] = {}
 
     def residual(W: np.ndarray, H: np.ndarray) -> np.ndarray:
         res = (W @ H - prob.V)[ii, jj]
@@ -242,27 +425,37 @@ def _lm(prob: _Problem, rec: _Recorder, lam0: float = 1e-3, up: float = 3.0, dow
         A = J.T @ J
         g = J.T @ res
         d_diag = np.maximum(np.diag(A), 1e-12)
+        saturated, evals = False, 0
         for _ in range(max_tries):
             try:
                 step = np.linalg.solve(A + lam * np.diag(d_diag), -g)
             except np.linalg.LinAlgError:
-                lam *= up
-                continue
-            x = np.concatenate([W.ravel(), H.ravel()])
-            x[free] += step
-            Wn, Hn = x[:m * r].reshape(m, r), x[m * r:].reshape(r, n)
-            if prob.nonneg:
-                Wn, Hn = np.maximum(Wn, 0), np.maximum(Hn, 0)
-            fn = prob.loss(Wn, Hn)
-            extra += 1
-            if np.isfinite(fn) and fn < f:
-                W, H, f = Wn, Hn, fn
-                lam = max(lam / down, 1e-12)
+                step = None
+            if step is not None:
+                x = np.concatenate([W.ravel(), H.ravel()])
+                x[free] += step
+                Wn, Hn = x[:m * r].reshape(m, r), x[m * r:].reshape(r, n)
+                if prob.nonneg:
+                    Wn, Hn = np.maximum(Wn, 0), np.maximum(Hn, 0)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    fn = prob.loss(Wn, Hn)
+                evals += 1
+                if np.isfinite(fn) and fn < f:
+                    W, H, f = Wn, Hn, fn
+                    lam = max(lam / down, lam_min)
+                    break
+            if lam >= lam_max:
+                saturated = True
                 break
-            lam *= up
-        extra -= 1  # one loss evaluation per epoch is the normal cost
-        if rec.record(f, lam, prob.fit(W, H) if prob.reg else None):
-            return W, H, {"extra": max(extra, 0)}
+            lam = min(lam * up, lam_max)
+        extra += max(evals - 1, 0)  # one loss evaluation per epoch is the normal cost
+        stop = rec.record(f, lam, prob.fit(W, H) if prob.reg else None)
+        if saturated and not stop:
+            notes["stopped"] = f"damping saturated at lam_max={lam_max:g} after epoch {len(rec.lr)}: stationary point"
+            stop = True
+        if stop:
+            notes["extra"] = extra
+            return W, H, notes
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -282,8 +475,10 @@ def run_solver(name: str, env_kwargs: dict, seed_index: int, *, seed: int = 0, o
     prob = _Problem(env, info)
     rec = _Recorder(prob, env.task.budget, env.task.divergence_factor)
     opts = dict(options or {})
-    if name == "adam":
-        W, H, notes = _adam(prob, rec, np.random.default_rng([seed, instance, 7]), **opts)
+    if name in TORCH_OPTIMIZERS:
+        W, H, notes = _torch_opt(prob, rec, np.random.default_rng([seed, instance, 7]), name, **opts)
+    elif name in ("hals", "als-masked"):
+        W, H, notes = _reference(prob, rec, name, **opts)
     elif name == "lm":
         W, H, notes = _lm(prob, rec, **opts)
     else:

@@ -93,7 +93,7 @@ def test_cosine_and_two_phase_shapes():
 
 
 def test_polyak_and_bb_steps():
-    sched = Polyak()
+    sched = Polyak(0.0, cap=None)  # the classic step; the default's f* estimate: tests/test_solvers_tuning_free.py
     env, obs, _ = start(sched)
     action, _ = sched.predict(obs)
     o = env.oracle
