@@ -303,7 +303,8 @@ class BarzilaiBorwein(Schedule):
 
 # ----------------------------------------------------------------------------- trained policies
 TASK_FIELDS_FROM_CONFIG = ("action_mode", "lr_max", "log_range", "obs_features", "obs_clip",
-                           "divergence_factor", "reward", "target_loss")
+                           "divergence_factor", "reward", "target_loss", "lr_min", "lr_init", "lr_reference",
+                           "relative_range")
 """Keys of a run's config.json "env" that define the decision problem a policy was trained on; the
 problem, budget and instances are the evaluation's own."""
 
