@@ -85,7 +85,7 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     bound        log10(2/L_W), log10(2/L_H) (two entries)       no
     prev_action  previous (clipped) action                      no
     target_gap   log10(loss / target loss)                      no
-    lr           log10(step size in force / lr_init)             no
+    lr_rel       log10(step size in force / lr_init)            no
                  (relative mode; mean over the two factors)
     loss_slope   log10(loss / previous epoch's loss)            no
     ============ ============================================= =========

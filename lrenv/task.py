@@ -16,10 +16,10 @@ import numpy as np
 from .engine import STAT_GRAD_NORM, STAT_HELDOUT, STAT_L_H, STAT_L_W, STAT_LOSS
 
 ACTION_MODES = ("log_bound", "paper", "relative")
-OBS_FEATURES = ("loss", "epoch", "grad_norm", "bound", "prev_action", "target_gap", "lr", "loss_slope")
+OBS_FEATURES = ("loss", "epoch", "grad_norm", "bound", "prev_action", "target_gap", "lr_rel", "loss_slope")
 """Observation features, in the order they appear in the vector (``bound`` contributes two)."""
 DEFAULT_OBS = ("loss", "epoch", "grad_norm")
-RELATIVE_OBS = ("loss", "epoch", "grad_norm", "lr", "loss_slope")
+RELATIVE_OBS = ("loss", "epoch", "grad_norm", "lr_rel", "loss_slope")
 """Features a relative-mode policy can be given in any training loop: none needs a Lipschitz constant."""
 LR_REFERENCES = ("bound", "absolute")
 _TINY = 1e-30
@@ -232,7 +232,7 @@ class EpisodeTracker:
                     cols.append(self.prev_action)
                 elif f == "target_gap":
                     cols.append(np.log10(s[:, STAT_LOSS] / self.target))
-                elif f == "lr":  # the step size in force relative to its start (mean over the factors)
+                elif f == "lr_rel":  # the step size in force relative to its start (mean over the factors)
                     cols.append(np.log10(self.lr / self.lr0).mean(axis=1))
                 elif f == "loss_slope":  # log10 change of the loss over the last epoch (0 before the first)
                     cols.append(np.log10(s[:, STAT_LOSS] / self.prev_loss))

@@ -24,9 +24,9 @@ def test_step_sizes_follow_the_documented_product_and_stay_in_bounds():
         expected = min(max(expected * 10 ** (0.5 * min(a, 1.0)), 0.01), 0.5)
         np.testing.assert_allclose([info["lr_W"], info["lr_H"]], expected * ref, rtol=1e-6)  # float32 actions
         assert not (term or trunc)
-    # the lr observation is log10(lr / lr_init), here log10(0.5 / 0.1) after the clipped action
+    # the lr_rel observation is log10(lr in force / lr_init)
     obs = env.tracker.observe()[0]
-    assert obs[RELATIVE_OBS.index("lr")] == pytest.approx(np.log10(5.0), abs=1e-6)
+    assert obs[RELATIVE_OBS.index("lr_rel")] == pytest.approx(np.log10(expected / 0.1), abs=1e-5)
 
 
 def test_absolute_reference_shares_one_step_size_and_ignores_L():
