@@ -1,4 +1,4 @@
-"""The ``lrenv`` command line: ``lrenv {episode,evaluate,train,bench} ...``.
+"""The ``lrenv`` command line: ``lrenv {episode,evaluate,train,bench,factorize} ...``.
 
 Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand runs, so ``lrenv --help`` stays fast.
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "evaluate": ("lrenv.evaluate", "score schedules (baselines and trained agents) on held-out instances"),
     "train": ("lrenv.agents.train", "train a PPO agent that picks the learning rate"),
     "bench": ("lrenv.agents.bench", "measure environment and training throughput against the hardware"),
+    "factorize": ("lrenv.factorize", "factorise your own matrix (NaN = missing) with any schedule or solver"),
 }
 
 

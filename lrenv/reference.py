@@ -62,7 +62,7 @@ def hals(V: np.ndarray, W0: np.ndarray, H0: np.ndarray, *, mask: np.ndarray | No
     return W, H
 
 
-def _nnls_rows(V: np.ndarray, M: np.ndarray, F: np.ndarray, reg: float, out: np.ndarray,
+def nnls_rows(V: np.ndarray, M: np.ndarray, F: np.ndarray, reg: float, out: np.ndarray,
                sweeps: int = 20, rtol: float = 1e-8) -> None:
     """For every row i: out[i] = argmin_{x >= 0} ||F[:, Omega_i]^T x - V[i, Omega_i]||^2 + reg ||x||^2.
 
@@ -95,7 +95,7 @@ def masked_als(V: np.ndarray, W0: np.ndarray, H0: np.ndarray, *, mask: np.ndarra
                iters: int, callback: Callback | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Alternating non-negative least squares over the observed entries only: each row of W (then each
     column of H) is the non-negative ridge solution on its own observed entries (batched coordinate descent, see
-    :func:`_nnls_rows`).
+    :func:`nnls_rows`).
     ``reg`` keeps rows with few observations well posed; ``mask=None`` means every entry is observed."""
     V, W, H, M = _check(V, W0, H0, mask, iters)
     if reg < 0:
@@ -104,8 +104,8 @@ def masked_als(V: np.ndarray, W0: np.ndarray, H0: np.ndarray, *, mask: np.ndarra
         M = np.ones(V.shape, dtype=bool)
     Ht = np.ascontiguousarray(H.T)
     for it in range(1, iters + 1):
-        _nnls_rows(V, M, Ht.T, reg, W)
-        _nnls_rows(V.T, M.T, W.T, reg, Ht)
+        nnls_rows(V, M, Ht.T, reg, W)
+        nnls_rows(V.T, M.T, W.T, reg, Ht)
         H = Ht.T
         if callback is not None and callback(it, W, np.ascontiguousarray(H)):
             break
