@@ -39,7 +39,7 @@ class SGDNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     max_iter : int, default=200
         Epoch (solver iteration) budget.
     tol : float, default=1e-4
-        Stop when the best loss improved by less than this fraction over the last 10 epochs.
+        Stop when the best loss improved by less than this fraction over the last 10 epochs (0: never).
     random_state : int, RandomState or None
         Seed of the initial factors and of the minibatch order.
     num_blocks : int, default=10

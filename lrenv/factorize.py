@@ -22,7 +22,7 @@ auto               the best measured method for the data, see :func:`choose_auto
 ================== ===========================================================================
 
 Every method runs at most ``--epochs`` epochs (solver iterations) and stops early when the best loss
-improved by less than ``--tol`` (relative) over the last :data:`TOL_WINDOW` epochs. The loss is lrenv's
+improved by less than ``--tol`` (relative) over the last :data:`TOL_WINDOW` epochs (``--tol 0``: never). The loss is lrenv's
 ``1/2 ||M o (V - W H)||^2`` summed over the observed training entries. Results are written atomically:
 ``OUT.npz`` (W, H, curves, held-out mask), ``OUT.json`` (the full config and the result) and ``OUT.png``.
 """
@@ -161,7 +161,7 @@ class _Monitor:
             self.stopped = "diverged"
             return True
         t = len(self.loss) - 1
-        if t >= self.tol_from + TOL_WINDOW:
+        if self.tol > 0 and t >= self.tol_from + TOL_WINDOW:  # tol = 0: run the whole budget
             before, now = min(self.loss[:t - TOL_WINDOW + 1]), min(self.loss)
             if before - now <= self.tol * max(abs(before), 1e-300):
                 self.stopped = "tolerance"
@@ -369,8 +369,8 @@ def plot_curve(result: FactorizeResult, path: str) -> None:
         ax2 = ax.twinx()
         ax2.semilogy(np.arange(len(result.heldout_mse)), result.heldout_mse, color="C1", label="held-out MSE")
         ax2.set_ylabel("held-out MSE")
-        ax2.legend(loc="upper center")
-    ax.legend(loc="upper right")
+        ax2.legend(loc="lower left", bbox_to_anchor=(0.0, 0.08))
+    ax.legend(loc="lower left")
     ax.set_title(f"{result.method}: {result.stopped} after {result.epochs} epochs")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
@@ -387,7 +387,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=300, help="epoch (solver iteration) budget")
     p.add_argument("--holdout", type=float, default=0.0, help="fraction of observed entries held out")
     p.add_argument("--tol", type=float, default=1e-6,
-                   help=f"stop when the best loss improved by less than this (relative) over {TOL_WINDOW} epochs")
+                   help=f"stop when the best loss improved by less than this (relative) over {TOL_WINDOW} epochs "
+                        "(0: run the whole budget)")
     p.add_argument("--device", default="cpu", help="torch device of SGD schedules (cpu, cuda); solvers run on numpy")
     p.add_argument("--num-blocks", type=int, default=None, help="row minibatches per SGD epoch (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial factors and the minibatch order")
