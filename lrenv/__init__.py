@@ -8,6 +8,16 @@ from .task import RewardConfig, TaskConfig
 
 __version__ = "0.1.0"
 
+_LAZY = {"SGDNMF": "lrenv.estimator", "LearnedLR": "lrenv.scheduler", "pretrained": "lrenv.schedules"}
+
+
+def __getattr__(name: str):
+    """``SGDNMF``, ``LearnedLR`` and ``pretrained`` load on first use (scikit-learn's import is slow)."""
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lrenv' has no attribute {name!r}")
+
 ENV_ID = "lrenv/NMF-v0"
 """The generic id: any family through ``problem=`` (default ``small``); its max_episode_steps is the largest family
 budget, an upper bound (the env truncates itself at its own budget)."""
@@ -36,4 +46,5 @@ def _register() -> None:
 _register()
 
 __all__ = ["NMFEnv", "LROracle", "TaskConfig", "RewardConfig", "ProblemFamily", "make_family", "FAMILIES",
-           "DEFAULT_PROBLEM", "TRAIN_SEEDS", "EVAL_SEEDS", "ENV_ID", "ENV_IDS", "FAMILY_BUDGETS", "env_id"]
+           "DEFAULT_PROBLEM", "TRAIN_SEEDS", "EVAL_SEEDS", "ENV_ID", "ENV_IDS", "FAMILY_BUDGETS", "env_id",
+           "SGDNMF", "LearnedLR", "pretrained"]

@@ -1,4 +1,4 @@
-"""The ``lrenv`` command line: ``lrenv {episode,evaluate,train,bench,benchmark} ...``.
+"""The ``lrenv`` command line: ``lrenv {episode,tune,evaluate,train,bench,benchmark,factorize} ...``.
 
 Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand runs, so ``lrenv --help`` stays fast.
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "bench": ("lrenv.agents.bench", "measure environment and training throughput against the hardware"),
     "benchmark": ("lrenv.benchmark", "run a benchmark suite (training seeds x families x methods) on Ray and "
                   "report it with rliable"),
+    "factorize": ("lrenv.factorize", "factorise your own matrix (NaN = missing) with any schedule or solver"),
 }
 
 
@@ -51,7 +52,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if chosen is None or sub is None:
         return parser.parse_args(argv)
     i = argv.index(chosen)
-    parser.parse_args(argv[:i] + [chosen])  # top-level options (-h) before the subcommand
+    _parsers(None)[0].parse_args(argv[:i] + [chosen])  # top-level options (-h) before the subcommand (a bare
+    # subcommand parser here: the chosen one's required arguments come after its name)
     args = sub.parse_intermixed_args(argv[i + 1:])
     args.command = chosen
     return args

@@ -74,6 +74,10 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     constant, so one policy serves problems of any scale; ``a = 0`` (an untrained policy's mean) is
     ``action_center = 0.25`` of the full-batch bound, below where minibatch SGD starts to diverge.
     ``action_mode="paper"``: ``a in [0, lr_max]`` is the absolute learning rate of both factors.
+    ``action_mode="relative"``: ``a in [-1, 1]`` multiplies each factor's step size in force by
+    ``10^(relative_range * a)``, clipped to ``[lr_min, lr_max]``; before the first step it is ``lr_init``.
+    With ``lr_reference="bound"`` (default) ``lr_init, lr_min, lr_max`` are fractions of each factor's own
+    2/L at reset (per factor); with ``"absolute"`` they are step sizes shared by both factors.
     Finite actions outside the space are clipped to it; a NaN action ends the episode as a divergence.
 
     ## Observation Space
@@ -88,6 +92,9 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     bound        log10(2/L_W), log10(2/L_H) (two entries)       no
     prev_action  previous (clipped) action                      no
     target_gap   log10(loss / target loss)                      no
+    lr_rel       log10(step size in force / lr_init)            no
+                 (relative mode; mean over the two factors)
+    loss_slope   log10(loss / previous epoch's loss)            no
     ============ ============================================= =========
 
     ## Rewards
@@ -190,7 +197,7 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     def step(self, action):
         if self._needs_reset:
             raise RuntimeError("NMFEnv.step() called before reset() or after the episode ended; call reset()")
-        lr, a, invalid = self.task.actions_to_lr(np.asarray(action).reshape(1), self.tracker.lipschitz())
+        lr, a, invalid = self.tracker.actions_to_lr(np.asarray(action).reshape(1))
         if not invalid[0]:
             t = int(self.tracker.epoch[0])
             self.engine.epoch(torch.as_tensor(lr, dtype=self.engine.cfg.dtype, device=self.engine.cfg.device),
@@ -348,7 +355,7 @@ class LROracle:
 
     def lr_for(self, action) -> np.ndarray:
         """The step sizes (lr_W, lr_H) that ``action`` would apply now."""
-        return self.task.actions_to_lr(np.asarray(action).reshape(1), self._env.tracker.lipschitz())[0][0]
+        return self._env.tracker.actions_to_lr(np.asarray(action).reshape(1))[0][0]
 
     def params_and_grad(self) -> tuple[np.ndarray, np.ndarray]:
         """The current parameters (W, H) and full gradient, each flattened to one float64 vector."""

@@ -530,6 +530,20 @@ def _read_csv(path: str) -> np.ndarray:
     return np.array(rows, dtype=np.float64)
 
 
+def _is_header(line: str) -> bool:
+    """A CSV line is a header when one of its fields is not a number (``1e-3``, ``nan`` and ``inf`` are numbers:
+    looking for letters instead dropped the first row of every file numpy.savetxt writes)."""
+    for cell in line.strip().split(","):
+        cell = cell.strip().strip('"')
+        if not cell:
+            continue
+        try:
+            float(cell)
+        except ValueError:
+            return True
+    return False
+
+
 def load_matrix(path: str | os.PathLike) -> np.ndarray:
     """Read a matrix from .npy, .npz (dense array or scipy sparse), .csv or Matrix Market .mtx.
 

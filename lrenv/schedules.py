@@ -475,8 +475,11 @@ def load_policy(path: str | os.PathLike, name: str | None = None) -> PolicySched
     ``config.json`` ``"env"`` and ``vecnormalize.pkl`` are used, and without those the env defaults."""
     from .policy_io import read_extras
     path = os.fspath(path)
+    if path.startswith(PRETRAINED_PREFIX):  # a policy shipped with the package
+        return pretrained(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"policy not found: {path} (expected a run directory or a model .zip)")
+        raise FileNotFoundError(f"policy not found: {path} (expected a run directory, a model .zip or "
+                                f"pretrained:NAME)")
     run_dir = path if os.path.isdir(path) else os.path.dirname(path)
     model_path = os.path.join(path, "model.zip") if os.path.isdir(path) else path
     if not os.path.isfile(model_path):
@@ -506,3 +509,41 @@ def load_policy(path: str | os.PathLike, name: str | None = None) -> PolicySched
     label = name or os.path.basename(os.path.normpath(run_dir if os.path.isdir(path) else path)).removesuffix(".zip")
     return PolicySchedule(_load_sb3_model(model_path), name=f"policy:{label}", env_config=env_config,
                           obs_rms=obs_rms, clip_obs=clip_obs, epsilon=eps, source=path, task=task)
+
+
+# ----------------------------------------------------------------------------- policies shipped with the package
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+"""Where the package's trained policies live: one directory per policy (model.zip, config.json,
+vecnormalize.pkl, CARD.md saying what it was trained on and how it scored)."""
+PRETRAINED_PREFIX = "pretrained:"
+
+
+def pretrained_names() -> list[str]:
+    """Names of the policies shipped inside the package."""
+    if not os.path.isdir(PRETRAINED_DIR):
+        return []
+    return sorted(d for d in os.listdir(PRETRAINED_DIR) if os.path.isfile(os.path.join(PRETRAINED_DIR, d, "model.zip")))
+
+
+def pretrained(name: str) -> PolicySchedule:
+    """Load the shipped policy ``name`` (see :func:`pretrained_names`) as a schedule."""
+    name = name.removeprefix(PRETRAINED_PREFIX)
+    names = pretrained_names()
+    if name not in names:
+        from .problems import suggest
+        raise ValueError(f"no pretrained policy named {name!r}.{suggest(name, names)} "
+                         f"Shipped: {', '.join(names) or 'none'}")
+    return load_policy(os.path.join(PRETRAINED_DIR, name), name=name)
+
+
+def resolve_policy(spec: Any) -> PolicySchedule:
+    """A policy from ``'pretrained:NAME'``, a run directory or model .zip, or a PolicySchedule (returned as is)."""
+    if isinstance(spec, PolicySchedule):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        text = os.fspath(spec)
+        if text.startswith(PRETRAINED_PREFIX):
+            return pretrained(text)
+        return load_policy(text)
+    raise ValueError(f"a policy must be 'pretrained:NAME', a run directory, a model .zip or a PolicySchedule, "
+                     f"got {type(spec).__name__}")

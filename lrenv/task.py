@@ -15,13 +15,16 @@ import numpy as np
 
 from .engine import NUM_STATS, STAT_FIT, STAT_GRAD_NORM, STAT_HELDOUT, STAT_L_H, STAT_L_W, STAT_LOSS
 
-ACTION_MODES = ("log_bound", "paper")
-OBS_FEATURES = ("loss", "epoch", "grad_norm", "bound", "prev_action", "target_gap")
+ACTION_MODES = ("log_bound", "paper", "relative")
+OBS_FEATURES = ("loss", "epoch", "grad_norm", "bound", "prev_action", "target_gap", "lr_rel", "loss_slope")
 """Observation features, in the order they appear in the vector (``bound`` contributes two)."""
 DEFAULT_OBS = ("loss", "epoch", "grad_norm")
 TARGET_METRICS = ("loss", "fit")
 """What the target is compared with: the loss, or its data term alone (``fit``, for regularised families
 whose purpose is the fit itself, such as ``tutorial``)."""
+RELATIVE_OBS = ("loss", "epoch", "grad_norm", "lr_rel", "loss_slope")
+"""Features a relative-mode policy can be given in any training loop: none needs a Lipschitz constant."""
+LR_REFERENCES = ("bound", "absolute")
 _TINY = 1e-30
 
 
@@ -47,9 +50,22 @@ class TaskConfig:
     """Epoch budget T; the episode is truncated after T epochs."""
     action_mode: str = "log_bound"
     """'log_bound': a in [-1, 1] -> lr = action_center * (2/L) * 10^(log_range * a) per factor (scale-free,
-    default); 'paper': a in [0, lr_max] is the absolute learning rate of both factors, as in the paper."""
+    default); 'paper': a in [0, lr_max] is the absolute learning rate of both factors, as in the paper;
+    'relative': a in [-1, 1] multiplies each factor's previous step size by 10^(relative_range * a), kept in
+    [lr_min, lr_max] (needs no Lipschitz constant to act: the form a policy takes into an ordinary training loop)."""
     lr_max: float = 1.0
-    """Upper end of the 'paper' action space (the paper: 1, about 10x its bound)."""
+    """Upper end of the 'paper' action space (the paper: 1, about 10x its bound); in 'relative' mode the upper
+    bound of the step size, in the units of ``lr_init`` (see ``lr_reference``)."""
+    lr_min: float = 1e-4
+    """'relative': lower bound of the step size, in the units of ``lr_init``."""
+    lr_init: float = 0.1
+    """'relative': the step size before the first action (the first epoch runs at lr_init * 10^(k a))."""
+    lr_reference: str = "bound"
+    """'relative': units of lr_init, lr_min and lr_max. 'bound' (default): fractions of each factor's own bound
+    2/L *at reset* (so the two factors start at different absolute step sizes, per factor, and the episode never
+    looks at L again); 'absolute': plain step sizes, the same for both factors."""
+    relative_range: float = 0.5
+    """'relative': decades one action can move the step size (k in 10^(k a)); 0.5 = a factor of ~3.16 per epoch."""
     log_range: float = 1.0
     """Decades covered on each side of the centre by the 'log_bound' action."""
     action_center: float = 0.25
@@ -80,6 +96,13 @@ class TaskConfig:
         if not (self.lr_max > 0 and self.log_range > 0 and self.action_center > 0):
             raise ValueError(f"lr_max, log_range and action_center must be > 0, got {self.lr_max}, "
                              f"{self.log_range}, {self.action_center}")
+        if self.lr_reference not in LR_REFERENCES:
+            raise ValueError(f"unknown lr_reference {self.lr_reference!r}; choose one of {LR_REFERENCES}")
+        if self.action_mode == "relative" and not (0 < self.lr_min <= self.lr_init <= self.lr_max
+                                                   and self.relative_range > 0):
+            raise ValueError(f"relative action mode needs 0 < lr_min <= lr_init <= lr_max and relative_range > 0, "
+                             f"got lr_min={self.lr_min}, lr_init={self.lr_init}, lr_max={self.lr_max}, "
+                             f"relative_range={self.relative_range}")
         if not self.divergence_factor > 1:
             raise ValueError(f"divergence_factor must be > 1, got {self.divergence_factor}")
 
@@ -116,9 +139,13 @@ class TaskConfig:
             return gym.spaces.Box(0.0, self.lr_max, shape=(1,), dtype=np.float32)
         return gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
 
-    def actions_to_lr(self, actions: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def actions_to_lr(self, actions: np.ndarray, L: np.ndarray, prev_lr: np.ndarray | None = None,
+                      lr_bounds: tuple[np.ndarray, np.ndarray] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Map (B,) raw actions to (B, 2) step sizes for (W, H) given (B, 2) Lipschitz constants.
 
+        'relative' mode ignores ``L`` and needs the state kept by :class:`EpisodeTracker`: ``prev_lr``
+        (B, 2), the step sizes in force, and ``lr_bounds`` ((B, 2) low, (B, 2) high) in absolute units.
         Returns ``(lr, clipped_action, invalid)``: finite actions are clipped into the action space
         (+-inf to its ends); NaN is *invalid* and the caller ends the episode as a divergence.
         """
@@ -128,6 +155,11 @@ class TaskConfig:
         a = np.clip(np.where(invalid, low, a), low, high) if invalid.any() else np.clip(a, low, high)
         if self.action_mode == "paper":
             lr = np.repeat(a[:, None], 2, axis=1)
+        elif self.action_mode == "relative":
+            if prev_lr is None or lr_bounds is None:
+                raise ValueError("relative action mode: actions_to_lr needs prev_lr and lr_bounds "
+                                 "(EpisodeTracker.actions_to_lr supplies them)")
+            lr = np.clip(prev_lr * 10.0 ** (self.relative_range * a[:, None]), lr_bounds[0], lr_bounds[1])
         else:
             lr = (2.0 * self.action_center / np.maximum(L, _TINY)) * 10.0 ** (self.log_range * a[:, None])
         return lr, a, invalid
@@ -154,8 +186,12 @@ class EpisodeTracker:
         self._target_col = STAT_FIT if target_metric == "fit" else STAT_LOSS
         z = lambda: np.zeros(batch)  # noqa: E731
         self.f0, self.g0, self.best, self.target, self.prev_action = z(), z(), z(), z(), z()
+        self.prev_loss = z()
         self.epoch = np.zeros(batch, dtype=np.int64)
         self.stats = np.zeros((batch, NUM_STATS))
+        # 'relative' mode: step sizes in force (B, 2), their start values and absolute bounds
+        self.lr, self.lr0 = np.zeros((batch, 2)), np.ones((batch, 2))
+        self.lr_lo, self.lr_hi = np.zeros((batch, 2)), np.full((batch, 2), np.inf)
         self.done = np.zeros(batch, dtype=bool)
 
     def reset(self, idx: np.ndarray | list[int], stats: np.ndarray, target: np.ndarray) -> None:
@@ -167,12 +203,23 @@ class EpisodeTracker:
         self.best[idx] = stats[:, STAT_LOSS]
         self.target[idx] = target if self.cfg.target_loss is None else self.cfg.target_loss
         self.prev_action[idx] = 0.0
+        self.prev_loss[idx] = stats[:, STAT_LOSS]
         self.epoch[idx] = 0
         self.done[idx] = False
+        cfg = self.cfg
+        ref = (2.0 / np.maximum(stats[:, [STAT_L_W, STAT_L_H]], _TINY) if cfg.lr_reference == "bound"
+               else np.ones((len(idx), 2)))
+        self.lr0[idx] = cfg.lr_init * ref
+        self.lr[idx] = self.lr0[idx]
+        self.lr_lo[idx] = cfg.lr_min * ref
+        self.lr_hi[idx] = cfg.lr_max * ref
 
     def lipschitz(self) -> np.ndarray:
         return self.stats[:, [STAT_L_W, STAT_L_H]]
 
+    def actions_to_lr(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`TaskConfig.actions_to_lr` for the current state of every slot (any action mode)."""
+        return self.cfg.actions_to_lr(actions, self.lipschitz(), self.lr, (self.lr_lo, self.lr_hi))
     def observe(self) -> np.ndarray:
         """(B, obs_dim) float32 observations, always finite."""
         s = self.stats
@@ -193,6 +240,10 @@ class EpisodeTracker:
                     cols.append(self.prev_action)
                 elif f == "target_gap":
                     cols.append(np.log10(s[:, self._target_col] / self.target))
+                elif f == "lr_rel":  # the step size in force relative to its start (mean over the factors)
+                    cols.append(np.log10(self.lr / self.lr0).mean(axis=1))
+                elif f == "loss_slope":  # log10 change of the loss over the last epoch (0 before the first)
+                    cols.append(np.log10(s[:, STAT_LOSS] / self.prev_loss))
         obs = np.stack(cols, axis=1)
         return np.clip(np.nan_to_num(obs, nan=c, posinf=c, neginf=-c), -c, c).astype(np.float32)
 
@@ -201,7 +252,10 @@ class EpisodeTracker:
         ``(obs, reward, terminated, truncated, infos)``."""
         cfg, w = self.cfg, self.cfg.reward
         prev_L = self.lipschitz().copy()
+        self.prev_loss = self.stats[:, STAT_LOSS].copy()
         self.stats = stats
+        if cfg.action_mode == "relative":  # an invalid (NaN) action leaves the step size as it was
+            self.lr = np.where(invalid[:, None], self.lr, lr)
         self.epoch += 1
         self.prev_action = actions
         loss = stats[:, STAT_LOSS]

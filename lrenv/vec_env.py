@@ -179,7 +179,7 @@ class BatchedNMFVecEnv(VecEnv):
             raise RuntimeError("BatchedNMFVecEnv.step() called before reset(); call reset()")
         B, cfg = self.num_envs, self.engine.cfg
         actions = np.asarray(self._actions, dtype=np.float64).reshape(B, -1)[:, 0]
-        lr, a, invalid = self.task.actions_to_lr(actions, self.tracker.lipschitz())
+        lr, a, invalid = self.tracker.actions_to_lr(actions)
         t = np.minimum(self.tracker.epoch, self.task.budget - 1)
         order = self._orders[self._arange, t]  # (B, K): each slot's minibatch order for its epoch
         still = invalid | self._frozen
