@@ -87,6 +87,8 @@ REGISTRY: dict[str, tuple[str, Callable[[Sequence[float] | None], list[Method]]]
              lambda g: ["hals"]),
     "als-masked": ("alternating non-negative least squares over the observed entries, one sweep per epoch",
                    lambda g: ["als-masked"]),
+    "als-grow": ("als-masked with the rank grown one component at a time (escapes the local minima of data whose "
+                 "components differ in scale), one sweep per epoch", lambda g: ["als-grow"]),
     "prodigy": ("Prodigy (prodigyopt, lr 1) on the same minibatches; optional extra [baselines]", lambda g: ["prodigy"]),
     "dadapt-sgd": ("D-Adaptation SGD (dadaptation, lr 1) on the same minibatches; [baselines]", lambda g: ["dadapt-sgd"]),
     "dadapt-adam": ("D-Adaptation Adam (dadaptation, lr 1) on the same minibatches; [baselines]",

@@ -112,7 +112,7 @@ TORCH_OPTIMIZERS: dict[str, TorchOptimizer] = {
 }
 """Optimizers run on the engine's minibatches; all but Adam come from optional packages."""
 
-SOLVERS = ("adam", "sklearn-cd", "sklearn-mu", "lm", "hals", "als-masked",
+SOLVERS = ("adam", "sklearn-cd", "sklearn-mu", "lm", "hals", "als-masked", "als-grow",
            *(k for k in TORCH_OPTIMIZERS if k != "adam"))
 LM_MAX_JACOBIAN = 4_000_000
 """Largest Jacobian (residuals x parameters) the Levenberg-Marquardt solver builds."""
@@ -142,7 +142,7 @@ def applicability(name: str, env: NMFEnv) -> str | None:
             return f"hals: HALS is a non-negative factorisation; {fam.name} has no sign constraint (try als-masked)"
         if env.engine.cfg.reg:
             return "hals: the regularised loss differs from HALS's objective (try als-masked)"
-    if name == "als-masked":
+    if name in ("als-masked", "als-grow"):
         p = env.problem if env.problem is not None else fam.instance(split_seeds('validation')[0])
         if _pinned(p):
             return (f"als-masked: {fam.name} pins bias components (fixed columns of W / rows of H), which "
@@ -340,7 +340,7 @@ def _reference(prob: _Problem, rec: _Recorder, name: str, **options: Any) -> tup
     """:func:`lrenv.reference.hals` / :func:`~lrenv.reference.masked_als` with one iteration per epoch
     and the recorder's stopping rules as the callback. ALS uses the family's regularisation when it
     has one, else the small ridge ``reg`` (default 1e-6)."""
-    from .reference import hals, masked_als
+    from .reference import grow_rank, hals, masked_als
     mask = None if prob.M is None else prob.M.astype(bool)
 
     def callback(it: int, W: np.ndarray, H: np.ndarray) -> bool:
@@ -351,6 +351,10 @@ def _reference(prob: _Problem, rec: _Recorder, name: str, **options: Any) -> tup
         W, H = hals(prob.V, prob.W0, prob.H0, mask=mask, iters=rec.budget, callback=callback, **options)
         return W, H, {}
     reg = float(options.pop("reg", prob.reg or 1e-6))
+    if name == "als-grow":  # masked ALS with the rank grown one component at a time (reference.grow_rank)
+        W, H = grow_rank(masked_als, prob.V, prob.W0, prob.H0, mask=mask, iters=rec.budget, callback=callback,
+                         reg=reg, nonneg=prob.nonneg, **options)
+        return W, H, {"reg": reg}
     W, H = masked_als(prob.V, prob.W0, prob.H0, mask=mask, reg=reg, nonneg=prob.nonneg, iters=rec.budget,
                       callback=callback, **options)
     return W, H, {"reg": reg}
@@ -477,7 +481,7 @@ def run_solver(name: str, env_kwargs: dict, seed_index: int, *, seed: int = 0, o
     opts = dict(options or {})
     if name in TORCH_OPTIMIZERS:
         W, H, notes = _torch_opt(prob, rec, np.random.default_rng([seed, instance, 7]), name, **opts)
-    elif name in ("hals", "als-masked"):
+    elif name in ("hals", "als-masked", "als-grow"):
         W, H, notes = _reference(prob, rec, name, **opts)
     elif name == "lm":
         W, H, notes = _lm(prob, rec, **opts)

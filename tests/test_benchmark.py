@@ -205,7 +205,6 @@ def test_local_mode_reports_a_failing_trial_and_resumes(tmp_path, capsys):
         run_benchmark(parse_suite(changed, name="tiny"), out, local=True, progress=False)
 
 
-@pytest.mark.slow
 def test_smoke_suite_runs_on_ray_and_its_report_matches_its_trials(tmp_path, ray_local):
     """`lrenv benchmark smoke` end to end (CLI), then the report's IQM and probability of improvement recomputed by
     hand from the trials' own results.csv files."""

@@ -153,3 +153,13 @@ def test_levenberg_marquardt_stops_cleanly_when_its_damping_saturates():
     assert np.all(tr.lr_W <= 1e10)
     with pytest.raises(ValueError, match="lam_max"):
         run_solver("lm", kw, 0, options={"lam0": 1e12})
+
+
+def test_als_grow_in_the_harness_grows_the_rank_and_scores_heldout():
+    """als-grow: masked ALS from rank 1 upwards, from the same start as the others; it fits the training
+    entries and scores a finite held-out error against the true values."""
+    grow = run_solver("als-grow", {**SALES, "budget": 120}, 0)
+    plain = run_solver("als-masked", {**SALES, "budget": 120}, 0)
+    assert grow.loss[0] == plain.loss[0] and not grow.diverged
+    assert np.isfinite(grow.heldout_mse) and grow.loss[-1] < 0.01 * grow.loss[0]
+    assert "als-grow" in resolve_methods("als-grow")
