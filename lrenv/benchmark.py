@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import inspect
 import json
 import os
 import platform
@@ -272,12 +271,6 @@ def check_marker(trial: Trial, marker: dict, out_dir: str | os.PathLike) -> None
 
 
 # ----------------------------------------------------------------------------- running one trial
-def _evaluate_split_kwargs(split: str) -> dict:
-    """``split=...`` for evaluate() once it has the parameter (issue 10); before that it scores EVAL_SEEDS."""
-    from lrenv.evaluate import evaluate
-    return {"split": split} if "split" in inspect.signature(evaluate).parameters else {}
-
-
 def _save_curves(path: Path, traces: dict) -> None:
     """Per-epoch losses of every run (method, instance), for the report's loss-curve figures."""
     import numpy as np
@@ -297,13 +290,11 @@ def _run_evaluation(trial: Trial, tdir: Path, out_dir: Path) -> dict:
         methods: Any = [load_policy(train_dir, name=trial.method)]
     else:
         methods = spec["method"]
-    split_kw = _evaluate_split_kwargs(spec["split"])
     result = evaluate(methods, problem=spec["problem"], problem_params=spec["problem_params"],
                       seeds=spec["test_instances"], budget=spec["budget"], out_dir=str(tdir / "eval"),
-                      progress=False, verbose=False, tensorboard=False, threads=1, **split_kw)
+                      progress=False, verbose=False, tensorboard=False, threads=1, split=spec["split"])
     _save_curves(tdir / "curves.npz", result.traces)
-    return {"split": spec["split"] if split_kw else "eval (EVAL_SEEDS: evaluate() has no split parameter yet)",
-            "methods": sorted(result.traces), "notes": result.notes}
+    return {"split": spec["split"], "methods": sorted(result.traces), "notes": result.notes}
 
 
 def _run_training(trial: Trial, tdir: Path) -> dict:
