@@ -202,3 +202,32 @@ def test_loss_of_masked():
     W, H = np.ones((2, 1)), np.ones((1, 2))
     assert loss_of(V, W, H) == pytest.approx(0.5 * (0 + 1 + 4 + 9))
     assert loss_of(V, W, H, np.array([[1, 0], [0, 1]])) == pytest.approx(0.5 * 9)
+
+
+def test_illcond_target_needs_the_smallest_singular_direction():
+    """Fitting all but the smallest direction leaves sigma_min^2/2: the target is 10x below that."""
+    p = make_family("illcond").instance(int(EVAL_SEEDS[0]))
+    sv = np.linalg.svd(p.V, compute_uv=False)
+    assert p.target_loss == pytest.approx(0.1 * 0.5 * sv[-1] ** 2, rel=1e-9)
+    U, s, Vt = np.linalg.svd(p.V, full_matrices=False)
+    drop_smallest = (U[:, :-1] * s[:-1]) @ Vt[:-1]  # the best rank-5 fit
+    assert 0.5 * np.sum((p.V - drop_smallest) ** 2) > 9 * p.target_loss
+    assert 2e5 < p.info["cond"] < 1e6  # what the docstring says (kappa=1e5 scales the columns)
+    # with fewer hidden units than columns the target sits above the best rank-h loss
+    q = make_family("illcond", hidden=4).instance(int(EVAL_SEEDS[0]))
+    sv = np.array(q.info["singular_values"])
+    assert q.target_loss == pytest.approx(0.5 * np.sum(sv[4:] ** 2) + 0.1 * 0.5 * sv[3] ** 2, rel=1e-9)
+
+
+def test_tutorial_target_is_the_sources_unregularised_error():
+    from lrenv import NMFEnv
+    fam = make_family("tutorial")
+    assert fam.target_metric == "fit" and fam.instance(0).target_loss == pytest.approx(0.5e-2)
+    env = NMFEnv("tutorial", instances="test")
+    info = env.reset(seed=0)[1]
+    assert info["fit"] < info["loss"]  # the regularisation is not part of the fit
+    # the episode ends on the fit, not on the regularised loss (which cannot go below ~0.124)
+    from lrenv.schedules import Armijo
+    from lrenv.evaluate import run_schedule
+    tr = run_schedule(Armijo(), {"problem": "tutorial"}, 0)
+    assert tr.reached_target and tr.fit[-1] <= 0.5e-2 < tr.loss[-1]
