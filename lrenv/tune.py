@@ -47,12 +47,12 @@ SEARCH_SPACES: dict[str, tuple[Callable[..., Schedule] | str, list[dict[str, Any
     "fixed-c": (FixedScale, _grid(c=[0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 1.9]), {"c": 1.1}),
     "cosine": (CosineDecay, _grid(peak=[0.15, 0.25, 0.4, 0.5, 0.55, 0.65, 0.8], final=[0.02, 0.1]),
                {"peak": 0.55, "final": 0.05}),
-    "two-phase": (TwoPhase, _grid(c_high=[0.5, 0.8, 1.1, 1.3, 1.6], c_low=[0.2, 0.4, 0.8], switch=[0.3, 0.6]),
+    "two-phase": (TwoPhase, _grid(c_high=[0.5, 0.8, 1.1, 1.3, 1.6], c_low=[0.2, 0.4, 0.8, 1.0], switch=[0.3, 0.6]),
                   {"c_high": 1.1, "c_low": 0.8, "switch": 0.5}),
-    "random-walk": (RandomWalkBound, [g for g in _grid(center=[0.3, 0.4, 0.5], width=[0.25, 0.5])
+    "random-walk": (RandomWalkBound, [g for g in _grid(center=[0.3, 0.4, 0.5, 0.6, 0.7], width=[0.25, 0.5])
                                       if g["center"] * (1 + g["width"]) <= 1.0], {"center": 0.5, "width": 0.5}),
-    "armijo": (Armijo, _grid(c=[0.1, 0.3, 0.5], shrink=[0.5, 0.7]), {"c": 0.5, "shrink": 0.5}),
-    "adam": ("adam", _grid(lr_rel=[0.005, 0.02, 0.05, 0.1, 0.3]), {"lr_rel": 0.02}),
+    "armijo": (Armijo, _grid(c=[0.1, 0.3, 0.5, 0.7, 0.9], shrink=[0.5, 0.7]), {"c": 0.5, "shrink": 0.5}),
+    "adam": ("adam", _grid(lr_rel=[0.005, 0.02, 0.05, 0.1, 0.3, 1.0]), {"lr_rel": 0.02}),
 }
 """Tunable baselines: the grids searched by ``lrenv tune`` (scales in units of the bound 2/L, c = 2 x scale)."""
 
