@@ -25,6 +25,7 @@ from lrenv.agents.train import TrainConfig, load_hyperparams, train
 from lrenv.cli import main, parse
 from lrenv.evaluate import reserve_out_dir
 from lrenv.policy_io import read_extras, unique_tmp
+from test_train import Crash  # noqa: E402  (a crash after N timesteps, not a graceful interrupt)
 
 TINY = dict(m=60, n=20, rank=3)
 TINY_ARGS = ["--problem", "small", "--problem-param", "m=60", "--problem-param", "n=20", "--problem-param", "rank=3"]
@@ -143,7 +144,7 @@ def test_killed_twice_and_a_finished_run_is_not_retrained(tmp_path, monkeypatch,
 
 def test_checkpoint_without_statistics_is_refused_unless_allowed(tmp_path, capsys):
     with pytest.raises(RuntimeError):
-        train(tiny_config(tmp_path), extra_callbacks=[_Crash(300)])
+        train(tiny_config(tmp_path), extra_callbacks=[Crash(300)])
     run_dir = next(tmp_path.iterdir())
     for zip_path in (run_dir / "checkpoints").glob("*.zip"):  # an old-style checkpoint: no embedded statistics
         with zipfile.ZipFile(zip_path) as z:
@@ -158,17 +159,6 @@ def test_checkpoint_without_statistics_is_refused_unless_allowed(tmp_path, capsy
     assert "VecNormalize statistics are missing" in err and "--allow-missing-normalization" in err
     assert main(["train", "--resume", str(run_dir), "--no-progress", "--allow-missing-normalization"]) == 0
     assert read_extras(run_dir / "model.zip")[0]["num_timesteps"] == PLANNED
-
-
-class _Crash(checkpoints.BaseCallback):
-    def __init__(self, at):
-        super().__init__()
-        self.at = at
-
-    def _on_step(self):
-        if self.num_timesteps >= self.at:
-            raise RuntimeError("simulated crash")
-        return True
 
 
 def test_checkpoint_freq_zero_means_no_checkpoints(tmp_path):
