@@ -2,6 +2,9 @@
 constants, so 2/L stays a safe step size), within 1 + bound_tol of them, exact after every recomputation, and
 recomputed after load() and at episode starts; the batched engine and single envs agree."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +159,22 @@ def test_diverged_instance_gets_finite_constants():
     eng.H[0, 0, 0] = float("nan")
     s = eng.evaluate()[0]
     assert torch.isfinite(s[[STAT_L_W, STAT_L_H]]).all()
+
+
+def test_bench_masked_smoke(tmp_path, monkeypatch, capsys):
+    """`lrenv bench --masked` writes both measurements, and leaves the caller's LRENV_BOUND_TOL as it was."""
+    from lrenv.agents import bench
+    monkeypatch.setenv(E.BOUND_TOL_ENV, "0.07")
+    out = tmp_path / "masked.json"
+    assert bench.main(["--masked", "--masked-rounds", "1", "--masked-steps", "3", "--masked-seeds", "1",
+                       "--masked-budget", "3", "--out", str(out)]) == 0
+    assert os.environ[E.BOUND_TOL_ENV] == "0.07"
+    r = json.loads(out.read_text())
+    step = r["step"]
+    for name in ("small", "sales", "sales_exact"):
+        assert step[name]["cpu_ms"] > 0 and step[name]["wall_ms"] > 0
+    assert step["sales_over_small_cpu"] == pytest.approx(step["sales"]["cpu_ms"] / step["small"]["cpu_ms"])
+    ev = r["evaluation"]
+    assert {m["method"] for m in ev["methods"]} >= {"cosine", "armijo"}
+    assert "--budget 3" in ev["command"]
+    assert "target sales_over_small_cpu" in capsys.readouterr().out
