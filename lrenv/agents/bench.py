@@ -448,11 +448,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evaluate-paths", action="store_true",
                    help="instead: lrenv evaluate --problem small --seeds 10, one instance at a time vs batched")
     p.add_argument("--masked", action="store_true",
-                   help="instead: sales (masked) vs small env step, alternated in one run, and sales schedules' results "
-                        "on exact vs cached masked bounds")
+                   help="instead: sales (masked) vs small env step, alternated in one run, and sales schedules' "
+                        "results on exact vs cached masked bounds")
     p.add_argument("--masked-rounds", type=int, default=6, help="--masked: alternated timing rounds")
     p.add_argument("--masked-steps", type=int, default=250, help="--masked: env steps per round and env")
-    p.add_argument("--masked-seeds", type=int, default=5, help="--masked: evaluation instances (0: skip the evaluation)")
+    p.add_argument("--masked-seeds", type=int, default=5,
+                   help="--masked: evaluation instances (0: skip the evaluation)")
     p.add_argument("--masked-budget", type=int, default=200, help="--masked: evaluation epoch budget")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
