@@ -486,22 +486,23 @@ class SGDEngine:
         cfg = self.cfg
         if not cfg.masked or cfg.bound_tol == 0:
             return self._lipschitz(Wf, H, weight)
-        slots = np.arange(self.B) if idx is None else idx.cpu().numpy()
-        sel = slice(None) if idx is None else idx
-        dH = H - self._ref_H[sel]
-        dW = Wf - self._flat(self._ref_W[sel])
-        Wm, Hm = Wf, H
-        if self.has_fixed:
-            Wm, Hm, dW, dH = Wf * self.free_W, H * self.free_H, dW * self.free_W, dH * self.free_H
-        # ||H - H0|| bounds the W block's change, ||W - W0|| the H block's; float64 host arithmetic from here
-        dist = np.sqrt(torch.stack([_sqnorm(dH), _sqnorm(dW)], dim=1).double().cpu().numpy())
-        root = np.sqrt(self._L0[slots])
-        with np.errstate(invalid="ignore"):
-            upper = np.square(root + dist)
-            loose = ~(upper <= (1.0 + cfg.bound_tol) * np.square(np.maximum(root - dist, 0.0)))  # NaN: loose
-        need = loose | ~self._bound_fresh[slots]
-        if idx is not None:
-            need[:] = True
+        Wm, Hm = (Wf * self.free_W, H * self.free_H) if self.has_fixed else (Wf, H)
+        if idx is not None:  # episode starts: exact for every listed slot
+            slots = idx.cpu().numpy()
+            upper = np.zeros((len(slots), 2))
+            need = np.ones((len(slots), 2), dtype=bool)
+        else:
+            slots = np.arange(self.B)
+            dH, dW = H - self._ref_H, Wf - self._flat(self._ref_W)
+            if self.has_fixed:
+                dW, dH = dW * self.free_W, dH * self.free_H
+            # ||H - H0|| bounds the W block's change, ||W - W0|| the H block's; float64 host arithmetic from here
+            dist = np.sqrt(torch.stack([_sqnorm(dH), _sqnorm(dW)], dim=1).double().cpu().numpy())
+            root = np.sqrt(self._L0)
+            with np.errstate(invalid="ignore"):
+                upper = np.square(root + dist)
+                loose = ~(upper <= (1.0 + cfg.bound_tol) * np.square(np.maximum(root - dist, 0.0)))  # NaN: loose
+            need = loose | ~self._bound_fresh
         M = self._flat(weight)
         for side in (0, 1):
             rows = np.flatnonzero(need[:, side])
