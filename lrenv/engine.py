@@ -19,6 +19,23 @@ in ``W`` is Lipschitz with ``L_W = max_i ||H diag(M_i) H^T||_2 + reg`` (``||H H^
 unmasked); with ``W`` fixed, ``L_H = max_j ||W^T diag(M_:j) W||_2 + reg``. A block step with
 ``0 < lr < 2/L`` of that block decreases ``F``.
 
+Masked bounds at the cost of plain ones: the exact masked constants need one r x r Gram matrix per row
+and per column and their largest eigenvalues. Two facts make them cheap. (1) Computing them: the Gram
+matrices come from one matrix product each (mask times the packed outer products of the factor's
+columns, upper triangle only), and the largest eigenvalue of a PSD matrix is at most its Frobenius norm,
+which for these Perron-dominated Grams is within a few percent of it: only the rows with the largest
+Frobenius norms need an eigensolver (checked each time; all rows when the check fails). (2) Not
+computing them every epoch: with ``D_i = diag(M_i)``, ``sqrt(lambda_max(H D_i H^T)) = ||H D_i^(1/2)||_2``
+is a norm, so from the factor ``H0`` of the last exact computation (constant ``L0``) the triangle
+inequality gives, for every row at once and with ``d = ||H - H0||_F >= ||(H - H0) D_i^(1/2)||_2``,
+``(sqrt(L0) - d)^2 <= L_W <= (sqrt(L0) + d)^2`` (same for ``L_H`` with ``W``). :meth:`SGDEngine.evaluate`
+reports the upper end and recomputes the exact constant of an instance's block when the interval is wider
+than ``1 + EngineConfig.bound_tol`` (upper / lower), after :meth:`SGDEngine.load`, and for the slots passed
+to ``evaluate(index=...)`` (episode starts). The reported constant is therefore always valid (>= exact, so
+``2/L`` stays safe), within ``1 + bound_tol`` of it, and exact right after a recomputation. (The plain
+``||H H^T||_2`` also bounds ``L_W``, but with half the entries observed (``sales``) it is ~1.4x the masked
+constant, never below the cached bound for any ``bound_tol`` < 0.4, so it is not computed.)
+
 One epoch: the rows are split into ``K`` minibatches (fixed per episode after a random row shuffle at
 load time), visited in a random order drawn from the environment's generator. Each minibatch ``I``
 updates its own rows of ``W`` with the exact block gradient and ``H`` with the unbiased estimate
@@ -29,7 +46,8 @@ projection onto ``>= 0`` for non-negative families.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,6 +56,29 @@ import torch
 STAT_LOSS, STAT_GRAD_NORM, STAT_L_W, STAT_L_H, STAT_HELDOUT, STAT_FIT = range(6)
 NUM_STATS = 6
 """``STAT_FIT`` is the data term 1/2 ||M o (W H - V)||^2 alone (the loss less its regularisation)."""
+
+BOUND_TOL_ENV = "LRENV_BOUND_TOL"
+DEFAULT_BOUND_TOL = 0.05
+"""Masked families: the reported Lipschitz constant may exceed the exact one by at most this fraction
+(step sizes relative to 2/L at most ~5 % smaller) before the exact constant is recomputed."""
+_EXACT_CANDIDATES = 8
+"""Rows (columns) with the largest Frobenius norms whose Gram matrices go to the eigensolver."""
+
+
+def default_bound_tol() -> float:
+    """``EngineConfig.bound_tol`` unless set: ``$LRENV_BOUND_TOL`` (0 = exact masked constants every
+    evaluation, the reference path) or :data:`DEFAULT_BOUND_TOL`. An environment variable so that an
+    evaluation or a benchmark can be rerun on the exact path without changing any code."""
+    raw = os.environ.get(BOUND_TOL_ENV)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_BOUND_TOL
+    try:
+        tol = float(raw)
+    except ValueError:
+        tol = float("nan")
+    if not tol >= 0:
+        raise ValueError(f"{BOUND_TOL_ENV} must be a number >= 0 (0: exact masked bounds every epoch), got {raw!r}")
+    return tol
 
 
 @dataclass
@@ -67,6 +108,9 @@ class EngineConfig:
     threads: int | None = None
     """Torch intra-op threads while the engine computes on a CPU (None: as torch is set). Training runs
     PPO's small networks on one thread; the engine's batched products still use every core."""
+    bound_tol: float = field(default_factory=default_bound_tol)
+    """Masked families only: relative slack allowed in the reported Lipschitz constants before their exact
+    recomputation (0: recompute every evaluation). See the module docstring."""
 
     @property
     def block_rows(self) -> int:
@@ -83,7 +127,8 @@ def bytes_per_instance(cfg: EngineConfig) -> int:
     mn = cfg.padded_rows * cfg.n
     dense = 1 + int(cfg.masked) + int(cfg.heldout)  # V, mask, held-out mask
     temporaries = 2  # full residual and product during evaluate()
-    factors = 3 * (cfg.padded_rows * cfg.rank + cfg.rank * cfg.n)  # W, H and their gradients, trial
+    # W, H, their gradients and a trial point; masked: the factors of the last exact bound too
+    factors = (3 + int(cfg.masked)) * (cfg.padded_rows * cfg.rank + cfg.rank * cfg.n)
     return itemsize * (mn * (dense + temporaries) + factors)
 
 
@@ -94,6 +139,30 @@ def _largest_eigenvalue(G: torch.Tensor) -> torch.Tensor:
     the whole batch; that instance's non-finite loss already marks it as diverged.
     """
     return torch.linalg.eigvalsh(torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0))[..., -1]
+
+
+def _packed_gram_max(G: torch.Tensor, unpack: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Largest eigenvalue over the ``q`` symmetric PSD matrices of each instance, given packed (B, q, p)
+    as their upper triangles (``unpack``: r*r positions into p; ``weight``: 1 on the diagonal, 2 off it).
+
+    lambda_max <= ||G||_F, so rows outside the :data:`_EXACT_CANDIDATES` largest Frobenius norms cannot hold
+    the maximum once a candidate's eigenvalue reaches the largest excluded norm; that is checked, and all
+    rows are solved when it fails. Non-finite entries are zeroed first (see :func:`_largest_eigenvalue`).
+    """
+    B, q, p = G.shape
+    r = int(round(len(unpack) ** 0.5))
+    G = torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
+    k = min(q, _EXACT_CANDIDATES)
+    if k == q:
+        return torch.linalg.eigvalsh(G[..., unpack].reshape(B, q, r, r))[..., -1].amax(dim=1)
+    fro2 = torch.matmul(G.square(), weight)  # (B, q)
+    top_fro2, top = fro2.topk(k, dim=1)
+    cand = G.gather(1, top.unsqueeze(-1).expand(B, k, p))
+    lam = torch.linalg.eigvalsh(cand[..., unpack].reshape(B, k, r, r))[..., -1].amax(dim=1)
+    excluded = top_fro2[:, -1].clamp(min=0).sqrt()  # every excluded row's norm is at most the k-th largest
+    if bool((lam < excluded).any()):  # rare: the maximum may lie outside the candidates
+        lam = torch.linalg.eigvalsh(G[..., unpack].reshape(B, q, r, r))[..., -1].amax(dim=1)
+    return lam
 
 
 def _sqnorm(t: torch.Tensor) -> torch.Tensor:
@@ -160,6 +229,23 @@ class SGDEngine:
         self._arange = torch.arange(batch, device=cfg.device)
         self._noise_gen: list[torch.Generator | None] = [None] * batch
         self._on_gpu = torch.device(cfg.device).type != "cpu"
+        if not cfg.bound_tol >= 0:
+            raise ValueError(f"bound_tol must be >= 0 (0: exact masked bounds every evaluation), got {cfg.bound_tol!r}")
+        # masked bounds: the exact constants (L_W, L_H, without reg) at each block's last exact computation,
+        # the factors they were computed from, whether they are valid for the loaded instance, and a count of
+        # exact computations per instance and block (for tests and benchmarks)
+        self._L0 = np.zeros((batch, 2))
+        self._ref_H = torch.zeros_like(self.H) if cfg.masked else None
+        self._ref_W = torch.zeros_like(self.W) if cfg.masked else None
+        self._bound_fresh = np.zeros((batch, 2), dtype=bool)
+        self.exact_bound_count = np.zeros((batch, 2), dtype=np.int64)
+        iu = torch.triu_indices(r, r)
+        pos = torch.zeros(r, r, dtype=torch.long)
+        pos[iu[0], iu[1]] = torch.arange(iu.shape[1])
+        pos[iu[1], iu[0]] = torch.arange(iu.shape[1])
+        self._pairs = (iu[0].to(cfg.device), iu[1].to(cfg.device))
+        self._unpack = pos.reshape(-1).to(cfg.device)
+        self._pair_weight = torch.where(iu[0] == iu[1], 1.0, 2.0).to(**opts)
 
     # ------------------------------------------------------------------ loading
     def load(self, i: int, V: np.ndarray, W0: np.ndarray, H0: np.ndarray, *, row_perm: np.ndarray,
@@ -192,6 +278,7 @@ class SGDEngine:
             self.free_W = torch.as_tensor(free_W, dtype=cfg.dtype, device=cfg.device)
             self.free_H = torch.as_tensor(free_H, dtype=cfg.dtype, device=cfg.device).reshape(-1, 1)
             self.has_fixed = not (bool(free_W.all()) and bool(free_H.all()))
+        self._bound_fresh[i] = False  # the next evaluate() computes this instance's exact bounds
         if cfg.grad_noise > 0:
             gen = torch.Generator(device=cfg.device)
             gen.manual_seed(int(noise_seed or 0))
@@ -336,7 +423,7 @@ class SGDEngine:
         else:
             pgW, pgH = gW, gH
         gnorm = (_sqnorm(pgW) + _sqnorm(pgH)).sqrt()
-        L_W, L_H = self._lipschitz(Wf, H, weight)
+        L_W, L_H = self._bounds(Wf, H, weight, idx)
         if heldout is None:
             held = torch.full_like(loss, float("nan"))
         else:
@@ -350,27 +437,96 @@ class SGDEngine:
 
     @_with_threads
     def lipschitz(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-instance block Lipschitz constants (L_W, L_H), each of shape (B,)."""
+        """Per-instance exact block Lipschitz constants (L_W, L_H), each of shape (B,). For masked families
+        :meth:`evaluate` reports valid upper bounds within ``1 + bound_tol`` of these (module docstring)."""
         return self._lipschitz(self._flat(self.W), self.H, self.weight)
 
     def _lipschitz(self, Wf: torch.Tensor, H: torch.Tensor, weight: torch.Tensor | None):
+        """The exact block constants (L_W, L_H) of the given instances, regularisation included."""
         cfg = self.cfg
         if self.has_fixed:  # fixed components are not stepped
             Wf = Wf * self.free_W
             H = H * self.free_H
         if cfg.masked:
-            M = self._flat(weight)  # (B, rows, n)
             # max over rows i of ||H diag(M_i) H^T||, and over columns j of ||W^T diag(M_:j) W||
-            GW = torch.einsum("bkn,bin,bjn->bkij", M, H, H)
-            GH = torch.einsum("bmn,bmi,bmj->bnij", M, Wf, Wf)
-            L_W = _largest_eigenvalue(GW).amax(dim=1)
-            L_H = _largest_eigenvalue(GH).amax(dim=1)
+            M = self._flat(weight)  # (B, rows, n)
+            L_W, L_H = self._masked_exact_W(H, M), self._masked_exact_H(Wf, M)
         else:  # one eigensolver call for both r x r Gram matrices
             G = torch.stack([torch.bmm(H, H.transpose(1, 2)), torch.bmm(Wf.transpose(1, 2), Wf)], dim=1)
             L_W, L_H = _largest_eigenvalue(G).unbind(dim=1)
-        if cfg.reg:
-            return L_W + cfg.reg, L_H + cfg.reg
+        return self._plus_reg(L_W, L_H)
+
+    def _plus_reg(self, L_W: torch.Tensor, L_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.reg:
+            return L_W + self.cfg.reg, L_H + self.cfg.reg
         return L_W, L_H
+
+    def _masked_exact_W(self, H: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """max_i lambda_max(H diag(M_i) H^T) per instance: the packed Grams of all rows in one product
+        (mask times the upper-triangle outer products of H's columns), several times cheaper than an einsum."""
+        ia, ib = self._pairs
+        P = H.index_select(1, ia) * H.index_select(1, ib)  # (B, p, n)
+        return _packed_gram_max(torch.bmm(M, P.transpose(1, 2)), self._unpack, self._pair_weight)
+
+    def _masked_exact_H(self, Wf: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """max_j lambda_max(W^T diag(M_:j) W) per instance (see :meth:`_masked_exact_W`)."""
+        ia, ib = self._pairs
+        Wt = Wf.transpose(1, 2).contiguous()  # (B, r, rows): index_select along rows is several times faster
+        P = Wt.index_select(1, ia) * Wt.index_select(1, ib)  # (B, p, rows)
+        return _packed_gram_max(torch.bmm(P, M).transpose(1, 2), self._unpack, self._pair_weight)
+
+    def _bounds(self, Wf: torch.Tensor, H: torch.Tensor, weight: torch.Tensor | None,
+                idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The constants :meth:`evaluate` reports: exact for unmasked families; for masked ones the upper bound
+        of the module docstring from each block's last exact constant, with the exact constant recomputed for
+        every block whose bound may be more than ``bound_tol`` loose, that was not computed since load(), or
+        whose slot is listed in ``idx`` (episode starts). ``Wf``, ``H``, ``weight`` hold the slots of ``idx``
+        (all slots when None). The distances use Frobenius norms (>= the spectral norm, so still valid): two
+        reductions and scalar arithmetic on the host per evaluation, no eigensolver."""
+        cfg = self.cfg
+        if not cfg.masked or cfg.bound_tol == 0:
+            return self._lipschitz(Wf, H, weight)
+        Wm, Hm = (Wf * self.free_W, H * self.free_H) if self.has_fixed else (Wf, H)
+        if idx is not None:  # episode starts: exact for every listed slot
+            slots = idx.cpu().numpy()
+            upper = np.zeros((len(slots), 2))
+            need = np.ones((len(slots), 2), dtype=bool)
+        else:
+            slots = np.arange(self.B)
+            dH, dW = H - self._ref_H, Wf - self._flat(self._ref_W)
+            if self.has_fixed:
+                dW, dH = dW * self.free_W, dH * self.free_H
+            # ||H - H0|| bounds the W block's change, ||W - W0|| the H block's; float64 host arithmetic from here
+            dist = np.sqrt(torch.stack([_sqnorm(dH), _sqnorm(dW)], dim=1).double().cpu().numpy())
+            root = np.sqrt(self._L0)
+            with np.errstate(invalid="ignore"):
+                upper = np.square(root + dist)
+                loose = ~(upper <= (1.0 + cfg.bound_tol) * np.square(np.maximum(root - dist, 0.0)))  # NaN: loose
+            need = loose | ~self._bound_fresh
+        M = self._flat(weight)
+        for side in (0, 1):
+            rows = np.flatnonzero(need[:, side])
+            if rows.size == 0:
+                continue
+            if rows.size == len(slots):
+                pick = lambda t: t  # noqa: E731
+            else:
+                at_rows = torch.as_tensor(rows, device=H.device)
+                pick = lambda t: t.index_select(0, at_rows)  # noqa: E731
+            at = torch.as_tensor(slots[rows], device=H.device)
+            if side == 0:
+                exact = self._masked_exact_W(pick(Hm), pick(M))
+                self._ref_H[at] = pick(H)
+            else:
+                exact = self._masked_exact_H(pick(Wm), pick(M))
+                self._ref_W.view(self.B, -1, cfg.rank)[at] = pick(Wf)
+            exact = exact.double().cpu().numpy()
+            upper[rows, side] = exact
+            self._L0[slots[rows], side] = exact
+            self._bound_fresh[slots[rows], side] = True
+            self.exact_bound_count[slots[rows], side] += 1
+        L = torch.as_tensor(upper, device=H.device).to(H.dtype)
+        return self._plus_reg(L[:, 0], L[:, 1])
 
     @_with_threads
     def trial_loss(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

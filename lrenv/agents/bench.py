@@ -13,6 +13,10 @@ For each preset (``small``, ``medium``, ``paper``) and device it measures, in on
 Every measured number is the best of a few timed windows (the machine may be shared). Prints a table
 and writes JSON with ``--out``. Targets (reported as met / not met): CPU small batched B=8 at least 3x
 the env-epochs/s of a DummyVecEnv of 8; PPO end-to-end on small at least 1500 steps/s with 8 envs.
+
+``--masked`` instead compares the masked family ``sales`` with ``small`` (same 1000 x 100 shape): env steps
+alternated in one process (target: sales at most 1.5x small), and an evaluation of a few schedules on
+``sales`` on the exact-bound path (``LRENV_BOUND_TOL=0``) against the default cached bounds.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from stable_baselines3.common.vec_env import VecEnv
 PRESETS = ("small", "medium", "paper")
 TARGET_BATCHED_SPEEDUP = 3.0
 TARGET_PPO_STEPS = 1500.0
+TARGET_MASKED_OVER_PLAIN = 1.5
 
 
 # ----------------------------------------------------------------------------- timing helpers
@@ -312,6 +317,123 @@ def measure_evaluate_paths(seeds: int = 10) -> dict:
                 same_outcomes=same, final_losses_close=close, runs=len(new.rows))
 
 
+# ----------------------------------------------------------------------------- masked bounds
+def measure_masked_step(rounds: int = 6, steps: int = 250, threads: int = 1) -> dict:
+    """Seconds per env step of ``sales`` (masked; default cached bounds), of ``sales`` with exact masked bounds
+    every epoch (``bound_tol = 0``, the reference path) and of ``small`` (same shape, unmasked), measured in
+    one process: ``rounds`` rounds of ``steps`` steps of each env, alternated (the order rotates each round),
+    episodes running on across rounds and reset when they end (resets included, as in training). Reports
+    process CPU time and wall time per step (totals over all rounds, and the best round), the ratios to
+    ``small``, and how often the cached path recomputed the exact constants."""
+    from lrenv.env import NMFEnv
+    envs = {"small": NMFEnv("small", threads=threads), "sales": NMFEnv("sales", threads=threads),
+            "sales_exact": NMFEnv("sales", threads=threads)}
+    for env in envs.values():
+        env.reset(seed=0)
+    envs["sales_exact"].engine.cfg.bound_tol = 0.0  # per-engine config: the reference path
+    actions = {name: _action(env) for name, env in envs.items()}
+    evaluations = {name: 1 for name in envs}
+    cpu = {name: [] for name in envs}
+    wall = {name: [] for name in envs}
+    counts_before = envs["sales"].engine.exact_bound_count.copy()
+    names = list(envs)
+    for k in range(rounds):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            env, a = envs[name], actions[name]
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(steps):
+                _, _, term, trunc, _ = env.step(a)
+                if term or trunc:
+                    env.reset()
+                    evaluations[name] += 1
+            wall[name].append((time.perf_counter() - t0) / steps)
+            cpu[name].append((time.process_time() - c0) / steps)
+            evaluations[name] += steps
+    out: dict[str, Any] = {"rounds": rounds, "steps_per_round": steps, "threads": threads}
+    for name in envs:
+        out[name] = dict(cpu_ms=1e3 * float(np.mean(cpu[name])), wall_ms=1e3 * float(np.mean(wall[name])),
+                         best_cpu_ms=1e3 * min(cpu[name]), best_wall_ms=1e3 * min(wall[name]))
+    for name in ("sales", "sales_exact"):
+        for key in ("cpu_ms", "wall_ms", "best_cpu_ms", "best_wall_ms"):
+            out[f"{name}_over_small_{key[:-3]}"] = out[name][key] / out["small"][key]
+    exact = envs["sales"].engine.exact_bound_count - counts_before
+    out["sales_exact_fraction"] = dict(L_W=float(exact[0, 0]) / evaluations["sales"],
+                                       L_H=float(exact[0, 1]) / evaluations["sales"])
+    ratio = out["sales_over_small_cpu"]
+    out["target"] = dict(value=ratio, target=TARGET_MASKED_OVER_PLAIN, met=ratio <= TARGET_MASKED_OVER_PLAIN)
+    return out
+
+
+def compare_masked_evaluation(methods: str = "fixed-scale,cosine,armijo", seeds: int = 5, budget: int = 200,
+                              split: str = "validation", problem: str = "sales") -> dict:
+    """``lrenv evaluate`` of ``methods`` on ``problem`` on the exact-bound path (``LRENV_BOUND_TOL=0``) and on
+    the default cached bounds, in one process; per method the AUC of log10 loss (mean and 95 % CI), the
+    median final loss and held-out MSE of both, and whether each path's AUC mean lies in the other's CI.
+
+    Fixed step sizes at or past SGD's stability edge on ``sales`` (``fixed c >= 1.3``) are chaotic: float32
+    rounding alone (the former einsum and the packed product, both exact) changes which instances diverge
+    there, so only the stable schedules are expected to agree closely."""
+    import os
+    from lrenv.engine import BOUND_TOL_ENV
+    from lrenv.evaluate import evaluate
+    kw = dict(problem=problem, seeds=seeds, budget=budget, split=split, save=False, progress=False, verbose=False)
+    before = os.environ.get(BOUND_TOL_ENV)
+    runs = {}
+    try:
+        for path, tol in (("exact", "0"), ("cached", None)):
+            os.environ.pop(BOUND_TOL_ENV, None)
+            if tol is not None:
+                os.environ[BOUND_TOL_ENV] = tol
+            t0 = time.perf_counter()
+            res = evaluate(methods, **kw)
+            runs[path] = (res.summary, time.perf_counter() - t0)
+    finally:
+        os.environ.pop(BOUND_TOL_ENV, None)
+        if before is not None:
+            os.environ[BOUND_TOL_ENV] = before
+    (old, old_s), (new, new_s) = runs["exact"], runs["cached"]
+    rows = []
+    for name in old:
+        a, b = old[name], new[name]
+        inside = lambda x, ci: bool(ci[0] <= x <= ci[1])  # noqa: E731
+        rows.append(dict(method=name, auc_exact=a["auc_log_loss_mean"], auc_exact_ci95=a["auc_log_loss_ci95"],
+                         auc_cached=b["auc_log_loss_mean"], auc_cached_ci95=b["auc_log_loss_ci95"],
+                         final_loss_exact=a["final_loss_median"], final_loss_cached=b["final_loss_median"],
+                         heldout_exact=a["heldout_mse_median"], heldout_cached=b["heldout_mse_median"],
+                         diverged_exact=a["diverged_rate"], diverged_cached=b["diverged_rate"],
+                         within_ci=inside(b["auc_log_loss_mean"], a["auc_log_loss_ci95"])
+                         and inside(a["auc_log_loss_mean"], b["auc_log_loss_ci95"])))
+    return dict(command=f"lrenv evaluate --problem {problem} --seeds {seeds} --methods {methods} --split {split} "
+                        f"--budget {budget}", exact_s=old_s, cached_s=new_s, methods=rows,
+                all_within_ci=all(r["within_ci"] for r in rows))
+
+
+def print_masked(result: dict) -> None:
+    step = result["step"]
+    print(f"env step, ms ({step['rounds']} alternated rounds of {step['steps_per_round']} steps, {step['threads']} "
+          f"torch thread; mean over rounds / best round)")
+    print(f"{'env':12} {'cpu':>7} {'wall':>7} {'best cpu':>9} {'best wall':>9}")
+    for name in ("small", "sales", "sales_exact"):
+        r = step[name]
+        print(f"{name:12} {r['cpu_ms']:>7.2f} {r['wall_ms']:>7.2f} {r['best_cpu_ms']:>9.2f} {r['best_wall_ms']:>9.2f}")
+    f = step["sales_exact_fraction"]
+    print(f"sales / small: cpu {step['sales_over_small_cpu']:.2f}x, wall {step['sales_over_small_wall']:.2f}x "
+          f"(exact bounds every epoch: cpu {step['sales_exact_over_small_cpu']:.2f}x); exact constants recomputed at "
+          f"{100 * f['L_W']:.1f} % (L_W) / {100 * f['L_H']:.1f} % (L_H) of the evaluations")
+    t = step["target"]
+    print(f"target sales_over_small_cpu: {t['value']:.2f} vs <= {t['target']} -> {'MET' if t['met'] else 'NOT MET'}")
+    ev = result.get("evaluation")
+    if ev:
+        print(f"\n{ev['command']}: exact bounds {ev['exact_s']:.1f} s, cached {ev['cached_s']:.1f} s")
+        print(f"{'method':12} {'AUC exact [95% CI]':>28} {'AUC cached [95% CI]':>28} {'final exact':>11} "
+              f"{'final cached':>12} {'in CI':>5}")
+        for r in ev["methods"]:
+            lo, hi = r["auc_exact_ci95"]
+            lo2, hi2 = r["auc_cached_ci95"]
+            print(f"{r['method']:12} {r['auc_exact']:>8.4f} [{lo:.4f}, {hi:.4f}] {r['auc_cached']:>8.4f} [{lo2:.4f}, "
+                  f"{hi2:.4f}] {r['final_loss_exact']:>11.4g} {r['final_loss_cached']:>12.4g} {str(r['within_ci']):>5}")
+
+
 # ----------------------------------------------------------------------------- driver
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS, help="problem sizes")
@@ -329,6 +451,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with a competing busy process (started and stopped by the bench)")
     p.add_argument("--evaluate-paths", action="store_true",
                    help="instead: lrenv evaluate --problem small --seeds 10, one instance at a time vs batched")
+    p.add_argument("--masked", action="store_true",
+                   help="instead: sales (masked) vs small env step, alternated in one run, and sales schedules' "
+                        "results on exact vs cached masked bounds")
+    p.add_argument("--masked-rounds", type=int, default=6, help="--masked: alternated timing rounds")
+    p.add_argument("--masked-steps", type=int, default=250, help="--masked: env steps per round and env")
+    p.add_argument("--masked-seeds", type=int, default=5,
+                   help="--masked: evaluation instances (0: skip the evaluation)")
+    p.add_argument("--masked-budget", type=int, default=200, help="--masked: evaluation epoch budget")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -337,9 +467,13 @@ def _fmt(x: float | None, spec: str = ".0f") -> str:
 
 
 def _write(result: dict, path: str | None) -> None:
+    """Write ``result`` as JSON atomically (a temporary file beside ``path``, then a rename)."""
     if path:
-        with open(path, "w") as f:
+        import os
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(result, f, indent=2)
+        os.replace(tmp, path)
         print(f"wrote {path}")
 
 
@@ -352,6 +486,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r['condition']:9} {r['kind']:8} {r['env_threads']:>11} {r['wait_policy']:8} {r['seconds']:>8.1f} "
                   f"{r['cpu_s']:>6.1f} {r['over_best']:>6.2f}")
         _write({"contention": rows, "torch": torch.__version__}, args.out)
+        return 0
+    if args.masked:
+        result = {"step": measure_masked_step(rounds=args.masked_rounds, steps=args.masked_steps),
+                  "torch": torch.__version__}
+        if args.masked_seeds > 0:
+            result["evaluation"] = compare_masked_evaluation(seeds=args.masked_seeds, budget=args.masked_budget)
+        print_masked(result)
+        _write(result, args.out)
         return 0
     if args.evaluate_paths:
         r = measure_evaluate_paths()
