@@ -34,7 +34,7 @@ def resolve_instances(instances: str | range | list[int]) -> range | list[int]:
 
 
 def engine_config(family: ProblemFamily, num_blocks: int | None, grad_noise: float, device: str | torch.device,
-                  dtype: str | torch.dtype, threads: int | None = None) -> EngineConfig:
+                  dtype: str | torch.dtype, threads: int | None = None, track_noise: bool = False) -> EngineConfig:
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -44,7 +44,8 @@ def engine_config(family: ProblemFamily, num_blocks: int | None, grad_noise: flo
     return EngineConfig(m=family.m, n=family.n, rank=family.rank,
                         num_blocks=family.num_blocks if num_blocks is None else int(num_blocks),
                         nonneg=family.nonneg, reg=family.reg, grad_noise=grad_noise, masked=family.masked,
-                        heldout=family.has_heldout, device=torch.device(device), dtype=dtype, threads=threads)
+                        heldout=family.has_heldout, device=torch.device(device), dtype=dtype, threads=threads,
+                        track_noise=track_noise)
 
 
 def load_instance(engine: SGDEngine, slot: int, problem: Problem, rng: np.random.Generator,
@@ -155,7 +156,8 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
         self.family = make_family(problem, **(problem_params or {}))
         self.instances = resolve_instances(instances)
         self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget, **task_kwargs)
-        self.engine_cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype, threads)
+        self.engine_cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype, threads,
+                                        track_noise="grad_noise" in self.task.obs_features)
         _check_engine_config(self.engine_cfg)
         self._engine: SGDEngine | None = None  # built at first use: no torch work in the constructor
         self.tracker = EpisodeTracker(self.task, 1, self.family.has_heldout, self.family.target_metric)
@@ -197,7 +199,7 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     def step(self, action):
         if self._needs_reset:
             raise RuntimeError("NMFEnv.step() called before reset() or after the episode ended; call reset()")
-        lr, a, invalid = self.tracker.actions_to_lr(np.asarray(action).reshape(1))
+        lr, a, invalid = self.tracker.actions_to_lr(np.asarray(action).reshape(1, -1))
         if not invalid[0]:
             t = int(self.tracker.epoch[0])
             self.engine.epoch(torch.as_tensor(lr, dtype=self.engine.cfg.dtype, device=self.engine.cfg.device),
@@ -355,7 +357,7 @@ class LROracle:
 
     def lr_for(self, action) -> np.ndarray:
         """The step sizes (lr_W, lr_H) that ``action`` would apply now."""
-        return self._env.tracker.actions_to_lr(np.asarray(action).reshape(1))[0][0]
+        return self._env.tracker.actions_to_lr(np.asarray(action).reshape(1, -1))[0][0]
 
     def params_and_grad(self) -> tuple[np.ndarray, np.ndarray]:
         """The current parameters (W, H) and full gradient, each flattened to one float64 vector."""
