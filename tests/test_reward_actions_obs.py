@@ -301,3 +301,16 @@ def test_grad_noise_is_measured_only_when_observed():
     assert 0.0 < obs[1] < 5.0
     venv = BatchedNMFVecEnv("small", num_envs=2, budget=5, obs_features=["loss", "grad_noise"])
     assert venv.engine.cfg.track_noise
+
+
+def test_training_schema_accepts_the_new_settings_and_names_bad_ones():
+    from lrenv.agents.train import load_hyperparams
+
+    hp = load_hyperparams("small", ["env_kwargs.reward:{kind: progress, remaining: 0.05, time_cost: 0.05}",
+                                    "env_kwargs.action_mode:per_factor", "env_kwargs.slope_smoothing:0.5",
+                                    "env_kwargs.obs_features:[loss, grad_noise, lr_bound, epochs_left, loss_slope_ema]"])
+    assert hp["env_kwargs"]["reward"]["kind"] == "progress" and hp["env_kwargs"]["action_mode"] == "per_factor"
+    with pytest.raises(ValueError, match=r"reward.kind: unknown value 'prog'.*Did you mean 'progress'"):
+        load_hyperparams("small", ["env_kwargs.reward:{kind: prog}"])
+    with pytest.raises(ValueError, match="slope_smoothing"):
+        load_hyperparams("small", ["env_kwargs.slope_smoothing:1.0"])
