@@ -70,7 +70,8 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     initial factors; a step runs one epoch at the chosen learning rate.
 
     ## Action Space
-    ``Box(shape=(1,))`` (``(2,)`` in ``per_factor`` mode). ``action_mode="log_bound"`` (default): ``a in [-1, 1]`` sets the step size of
+    ``Box(shape=(1,))`` (``(2,)`` in ``per_factor`` mode). ``action_mode="log_bound"`` (default):
+    ``a in [-1, 1]`` sets the step size of
     each factor to ``action_center * (2/L) * 10^(log_range * a)`` with that factor's current Lipschitz
     constant, so one policy serves problems of any scale; ``a = 0`` (an untrained policy's mean) is
     ``action_center = 0.25`` of the full-batch bound, below where minibatch SGD starts to diverge.
@@ -79,7 +80,8 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     ``10^(relative_range * a)``, clipped to ``[lr_min, lr_max]``; before the first step it is ``lr_init``.
     With ``lr_reference="bound"`` (default) ``lr_init, lr_min, lr_max`` are fractions of each factor's own
     2/L at reset (per factor); with ``"absolute"`` they are step sizes shared by both factors.
-    ``action_mode="per_factor"``: ``(a_W, a_H) in [-1, 1]^2`` sets ``lr_W = action_center * (2/L_W) * 10^(log_range * a_W)``
+    ``action_mode="per_factor"``: ``(a_W, a_H) in [-1, 1]^2`` sets
+    ``lr_W = action_center * (2/L_W) * 10^(log_range * a_W)``
     and ``lr_H`` likewise from ``a_H``: each factor relative to its own bound (the minibatch H-step diverges near
     0.55 x 2/L_H, the exact W-step is stable to 2/L_W); ``task.action_for_scale((s_W, s_H))`` gives the action for
     ``lr = s * 2/L`` per factor.

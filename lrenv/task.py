@@ -244,7 +244,8 @@ class TaskConfig:
         pairs -> (B, 2); ``lr_W = s_W * 2/L_W`` and ``lr_H = s_H * 2/L_H``.
         """
         if self.action_mode not in ("log_bound", "per_factor"):
-            raise ValueError(f"action_for_scale needs action_mode 'log_bound' or 'per_factor', not {self.action_mode!r}")
+            raise ValueError(f"action_for_scale needs action_mode 'log_bound' or 'per_factor', "
+                             f"not {self.action_mode!r}")
         s = np.maximum(np.asarray(scale, dtype=np.float64), _TINY)
         if self.action_mode == "per_factor":
             if s.ndim == 0:

@@ -308,7 +308,8 @@ def test_training_schema_accepts_the_new_settings_and_names_bad_ones():
 
     hp = load_hyperparams("small", ["env_kwargs.reward:{kind: progress, remaining: 0.05, time_cost: 0.05}",
                                     "env_kwargs.action_mode:per_factor", "env_kwargs.slope_smoothing:0.5",
-                                    "env_kwargs.obs_features:[loss, grad_noise, lr_bound, epochs_left, loss_slope_ema]"])
+                                    "env_kwargs.obs_features:[loss, grad_noise, lr_bound, epochs_left, "
+                                    "loss_slope_ema]"])
     assert hp["env_kwargs"]["reward"]["kind"] == "progress" and hp["env_kwargs"]["action_mode"] == "per_factor"
     with pytest.raises(ValueError, match=r"reward.kind: unknown value 'prog'.*Did you mean 'progress'"):
         load_hyperparams("small", ["env_kwargs.reward:{kind: prog}"])
