@@ -53,9 +53,11 @@ import numpy as np
 import torch
 
 # Layout of the per-instance statistics row returned by :meth:`SGDEngine.evaluate`.
-STAT_LOSS, STAT_GRAD_NORM, STAT_L_W, STAT_L_H, STAT_HELDOUT, STAT_FIT = range(6)
-NUM_STATS = 6
-"""``STAT_FIT`` is the data term 1/2 ||M o (W H - V)||^2 alone (the loss less its regularisation)."""
+STAT_LOSS, STAT_GRAD_NORM, STAT_L_W, STAT_L_H, STAT_HELDOUT, STAT_FIT, STAT_GRAD_NOISE = range(7)
+NUM_STATS = 7
+"""``STAT_FIT`` is the data term 1/2 ||M o (W H - V)||^2 alone (the loss less its regularisation).
+``STAT_GRAD_NOISE`` is the last epoch's minibatch gradient noise (see :meth:`SGDEngine.epoch`; 0 after a load
+and when ``EngineConfig.track_noise`` is off)."""
 
 BOUND_TOL_ENV = "LRENV_BOUND_TOL"
 DEFAULT_BOUND_TOL = 0.05
@@ -105,6 +107,9 @@ class EngineConfig:
     """Whether instances carry held-out entries whose mean squared error is reported."""
     device: str | torch.device = "cpu"
     dtype: torch.dtype = torch.float32
+    track_noise: bool = False
+    """Measure the minibatch gradient noise of every epoch (``STAT_GRAD_NOISE``): two small reductions per
+    minibatch on the r x n H-gradient, off unless an observation needs it."""
     threads: int | None = None
     """Torch intra-op threads while the engine computes on a CPU (None: as torch is set). Training runs
     PPO's small networks on one thread; the engine's batched products still use every core."""
@@ -228,6 +233,7 @@ class SGDEngine:
         self.gH = torch.zeros_like(self.H)
         self._arange = torch.arange(batch, device=cfg.device)
         self._noise_gen: list[torch.Generator | None] = [None] * batch
+        self.grad_noise = torch.zeros(batch, **opts)  # last epoch's STAT_GRAD_NOISE
         self._on_gpu = torch.device(cfg.device).type != "cpu"
         if not cfg.bound_tol >= 0:
             raise ValueError(f"bound_tol must be >= 0 (0: exact masked bounds every evaluation), got {cfg.bound_tol!r}")
@@ -256,6 +262,7 @@ class SGDEngine:
         cfg = self.cfg
         pad = cfg.padded_rows - cfg.m
         self.row_index[i] = np.concatenate([row_perm, np.full(pad, -1, dtype=np.int64)])
+        self.grad_noise[i] = 0.0
         rows = torch.as_tensor(row_perm)
 
         def put(out: torch.Tensor, a: np.ndarray) -> None:
@@ -300,6 +307,12 @@ class SGDEngine:
 
         ``lr``: (B, 2) step sizes for W and H. ``order``: (B, K) minibatch visiting order; a numpy
         array when ``B == 1`` (the blocks are then views updated in place, no gather).
+
+        With ``cfg.track_noise`` the epoch also measures its gradient noise: the W-step of a minibatch is the
+        exact block gradient, so the noise is in the H-step's estimates ``g_k = K * gH_k``; with their mean
+        ``S = sum_k gH_k``, ``noise = (mean_k ||g_k||^2 - ||S||^2) / ||S||^2``, the variance across the epoch's
+        minibatch estimates relative to their mean (the full gradient, up to the drift of the iterate within
+        the epoch); 0 with one minibatch.
         """
         cfg = self.cfg
         K = cfg.num_blocks
@@ -312,6 +325,9 @@ class SGDEngine:
             Vflat = self.V.view(self.B * K, *self.V.shape[2:])
             Wflat = self.W.view(self.B * K, *self.W.shape[2:])
             wflat = None if self.weight is None else self.weight.view(self.B * K, *self.weight.shape[2:])
+        track = cfg.track_noise
+        if track:
+            g_sum, g_sq = torch.zeros_like(H), torch.zeros(self.B, dtype=H.dtype, device=H.device)
         for k in range(K):
             if single:
                 blk = int(order[0, k])
@@ -336,6 +352,9 @@ class SGDEngine:
             if self.has_fixed:
                 gW.mul_(self.free_W)
                 gH.mul_(self.free_H)
+            if track:
+                g_sum.add_(gH)
+                g_sq.add_(_sqnorm(gH))
             Wk.addcmul_(gW, lr_W, value=-1)  # in place: Wk is a view of self.W when B == 1
             H.addcmul_(gH, lr_H, value=-1)
             if cfg.nonneg:
@@ -343,6 +362,9 @@ class SGDEngine:
                 H.clamp_(min=0)
             if not single:
                 Wflat.index_copy_(0, idx, Wk)
+        if track:
+            mean_sq = _sqnorm(g_sum)
+            self.grad_noise = ((K * g_sq - mean_sq) / mean_sq.clamp(min=torch.finfo(H.dtype).tiny)).clamp(min=0.0)
 
     def _add_noise(self, g: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
         rms = (_sqnorm(g) / g[0].numel()).sqrt().reshape(-1, 1, 1)
@@ -428,7 +450,8 @@ class SGDEngine:
             held = torch.full_like(loss, float("nan"))
         else:
             held = _sqnorm(D * self._flat(heldout)) / heldout_count
-        return torch.stack([loss, gnorm, L_W, L_H, held, fit], dim=1)
+        noise = self.grad_noise if idx is None else self.grad_noise[idx]
+        return torch.stack([loss, gnorm, L_W, L_H, held, fit, noise], dim=1)
 
     @_with_threads
     def loss(self) -> torch.Tensor:

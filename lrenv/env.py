@@ -34,7 +34,7 @@ def resolve_instances(instances: str | range | list[int]) -> range | list[int]:
 
 
 def engine_config(family: ProblemFamily, num_blocks: int | None, grad_noise: float, device: str | torch.device,
-                  dtype: str | torch.dtype, threads: int | None = None) -> EngineConfig:
+                  dtype: str | torch.dtype, threads: int | None = None, track_noise: bool = False) -> EngineConfig:
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -44,7 +44,8 @@ def engine_config(family: ProblemFamily, num_blocks: int | None, grad_noise: flo
     return EngineConfig(m=family.m, n=family.n, rank=family.rank,
                         num_blocks=family.num_blocks if num_blocks is None else int(num_blocks),
                         nonneg=family.nonneg, reg=family.reg, grad_noise=grad_noise, masked=family.masked,
-                        heldout=family.has_heldout, device=torch.device(device), dtype=dtype, threads=threads)
+                        heldout=family.has_heldout, device=torch.device(device), dtype=dtype, threads=threads,
+                        track_noise=track_noise)
 
 
 def load_instance(engine: SGDEngine, slot: int, problem: Problem, rng: np.random.Generator,
@@ -69,7 +70,8 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     initial factors; a step runs one epoch at the chosen learning rate.
 
     ## Action Space
-    ``Box(shape=(1,))``. ``action_mode="log_bound"`` (default): ``a in [-1, 1]`` sets the step size of
+    ``Box(shape=(1,))`` (``(2,)`` in ``per_factor`` mode). ``action_mode="log_bound"`` (default):
+    ``a in [-1, 1]`` sets the step size of
     each factor to ``action_center * (2/L) * 10^(log_range * a)`` with that factor's current Lipschitz
     constant, so one policy serves problems of any scale; ``a = 0`` (an untrained policy's mean) is
     ``action_center = 0.25`` of the full-batch bound, below where minibatch SGD starts to diverge.
@@ -78,7 +80,12 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     ``10^(relative_range * a)``, clipped to ``[lr_min, lr_max]``; before the first step it is ``lr_init``.
     With ``lr_reference="bound"`` (default) ``lr_init, lr_min, lr_max`` are fractions of each factor's own
     2/L at reset (per factor); with ``"absolute"`` they are step sizes shared by both factors.
-    Finite actions outside the space are clipped to it; a NaN action ends the episode as a divergence.
+    ``action_mode="per_factor"``: ``(a_W, a_H) in [-1, 1]^2`` sets
+    ``lr_W = action_center * (2/L_W) * 10^(log_range * a_W)``
+    and ``lr_H`` likewise from ``a_H``: each factor relative to its own bound (the minibatch H-step diverges near
+    0.55 x 2/L_H, the exact W-step is stable to 2/L_W); ``task.action_for_scale((s_W, s_H))`` gives the action for
+    ``lr = s * 2/L`` per factor.
+    Finite actions outside the space are clipped to it; a NaN action (any component) ends the episode as a divergence.
 
     ## Observation Space
     ``Box(-obs_clip, obs_clip, float32)``, never NaN or inf. Features (``obs_features``, in this order):
@@ -90,17 +97,33 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     epoch        epoch / budget, in [0, 1]                      yes
     grad_norm    log10(||projected grad|| / initial norm)       yes
     bound        log10(2/L_W), log10(2/L_H) (two entries)       no
-    prev_action  previous (clipped) action                      no
+    prev_action  previous (clipped) action (one entry per           no
+                 action component)
     target_gap   log10(loss / target loss)                      no
     lr_rel       log10(step size in force / lr_init)            no
                  (relative mode; mean over the two factors)
     loss_slope   log10(loss / previous epoch's loss)            no
+    loss_slope_  exponential average of loss_slope              no
+    ema          (weight ``slope_smoothing`` on the past; 0 at
+                 reset)
+    grad_noise   log10(1 + Var_k(g_k) / ||mean_k g_k||^2) over  no
+                 the last epoch's minibatch H-gradient
+                 estimates g_k (0 at reset and with one
+                 minibatch; measured only when observed)
+    lr_bound     log10(step in force / current 2/L), per        no
+                 factor (two entries; the last epoch's step,
+                 relative mode's state; 0 before a step)
+    epochs_left  (budget - epoch) / budget                      no
     ============ ============================================= =========
+    All are scale-free (ratios and logs of ratios): a policy sees the same numbers on a problem scaled by any factor.
 
     ## Rewards
-    Each epoch: ``improvement * 100 * (best - loss) / best`` when the loss beats the best so far
-    (else 0), minus ``time_cost``. Reaching the target loss adds ``remaining`` per epoch left of the
-    budget; divergence subtracts ``divergence_penalty`` (see :class:`lrenv.task.RewardConfig`).
+    Each epoch: ``improvement * gain`` when the loss beats the best so far (else 0), minus ``time_cost``.
+    Reaching the target loss adds ``remaining`` per epoch left of the budget; divergence subtracts
+    ``divergence_penalty``. ``reward={"kind": "paper"}`` (default, the paper's): ``gain = 100 * (best - loss) / best``;
+    ``"progress"``: ``gain = ln(best / loss)``, which sums to ``ln(f0 / f_best)`` over an episode, so it keeps
+    teaching where the target is out of reach (see :class:`lrenv.task.RewardConfig`; ``lrenv.task.PROGRESS_REWARD``
+    holds weights on its scale).
 
     ## Episode End
     Terminated when the loss reaches the target or the run diverges (a non-finite loss, a loss above
@@ -155,7 +178,8 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
         self.family = make_family(problem, **(problem_params or {}))
         self.instances = resolve_instances(instances)
         self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget, **task_kwargs)
-        self.engine_cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype, threads)
+        self.engine_cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype, threads,
+                                        track_noise="grad_noise" in self.task.obs_features)
         _check_engine_config(self.engine_cfg)
         self._engine: SGDEngine | None = None  # built at first use: no torch work in the constructor
         self.tracker = EpisodeTracker(self.task, 1, self.family.has_heldout, self.family.target_metric)
@@ -197,7 +221,7 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     def step(self, action):
         if self._needs_reset:
             raise RuntimeError("NMFEnv.step() called before reset() or after the episode ended; call reset()")
-        lr, a, invalid = self.tracker.actions_to_lr(np.asarray(action).reshape(1))
+        lr, a, invalid = self.tracker.actions_to_lr(np.asarray(action).reshape(1, -1))
         if not invalid[0]:
             t = int(self.tracker.epoch[0])
             self.engine.epoch(torch.as_tensor(lr, dtype=self.engine.cfg.dtype, device=self.engine.cfg.device),
@@ -355,7 +379,7 @@ class LROracle:
 
     def lr_for(self, action) -> np.ndarray:
         """The step sizes (lr_W, lr_H) that ``action`` would apply now."""
-        return self._env.tracker.actions_to_lr(np.asarray(action).reshape(1))[0][0]
+        return self._env.tracker.actions_to_lr(np.asarray(action).reshape(1, -1))[0][0]
 
     def params_and_grad(self) -> tuple[np.ndarray, np.ndarray]:
         """The current parameters (W, H) and full gradient, each flattened to one float64 vector."""

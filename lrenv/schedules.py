@@ -31,7 +31,8 @@ _BOUND_ENV = {"log_range": LOG_RANGE}
 
 
 def _act(x: float | np.ndarray) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32).reshape(1)
+    """One action as a flat float32 vector: shape (1,), or (2,) for a per-factor pair."""
+    return np.asarray(x, dtype=np.float32).reshape(-1)
 
 
 def schedule_env_kwargs(schedule: "Schedule", env_kwargs: dict) -> dict:
@@ -142,6 +143,32 @@ class FixedScale(ScaleSchedule):
 
     def scale(self) -> float:
         return self.c / 2.0
+
+
+class FixedScalePair(Schedule):
+    """``lr_W = c_W / L_W`` and ``lr_H = c_H / L_H``, recomputed every epoch ('per_factor' action mode).
+
+    The per-factor counterpart of :class:`FixedScale` and the fair baseline for a policy with the 2-D action:
+    the exact per-row W-step is stable up to ``c_W = 2`` while the minibatch H-step diverges from about
+    ``c_H = 1.1`` (SPEC §5), so one shared ``c`` must stay under the H cliff and starves W.
+    """
+
+    action_mode = "per_factor"
+    env_overrides = _BOUND_ENV
+    batchable = True
+
+    def __init__(self, c_W: float, c_H: float):
+        super().__init__()
+        if not (c_W > 0 and c_H > 0 and math.isfinite(c_W) and math.isfinite(c_H)):
+            raise ValueError(f"FixedScalePair: c_W and c_H must be positive and finite, got {c_W!r}, {c_H!r}")
+        self.c_W, self.c_H = float(c_W), float(c_H)
+        self.name = f"fixed cW={self.c_W:g},cH={self.c_H:g}"
+
+    def _action(self, obs: np.ndarray) -> np.ndarray:
+        return self.task.action_for_scale(np.array([self.c_W, self.c_H]) / 2.0)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "c_W": self.c_W, "c_H": self.c_H}
 
 
 class RandomUnderBound(ScaleSchedule):

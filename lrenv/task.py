@@ -13,11 +13,15 @@ from dataclasses import asdict, dataclass, field, fields
 import gymnasium as gym
 import numpy as np
 
-from .engine import NUM_STATS, STAT_FIT, STAT_GRAD_NORM, STAT_HELDOUT, STAT_L_H, STAT_L_W, STAT_LOSS
+from .engine import NUM_STATS, STAT_FIT, STAT_GRAD_NOISE, STAT_GRAD_NORM, STAT_HELDOUT, STAT_L_H, STAT_L_W, STAT_LOSS
 
-ACTION_MODES = ("log_bound", "paper", "relative")
-OBS_FEATURES = ("loss", "epoch", "grad_norm", "bound", "prev_action", "target_gap", "lr_rel", "loss_slope")
-"""Observation features, in the order they appear in the vector (``bound`` contributes two)."""
+ACTION_MODES = ("log_bound", "paper", "relative", "per_factor")
+OBS_FEATURES = ("loss", "epoch", "grad_norm", "bound", "prev_action", "target_gap", "lr_rel", "loss_slope",
+                "loss_slope_ema", "grad_noise", "lr_bound", "epochs_left")
+"""Observation features, in the order they appear in the vector (``bound`` and ``lr_bound`` contribute two,
+``prev_action`` one per action component)."""
+TWO_COLUMN_FEATURES = ("bound", "lr_bound")
+REWARD_KINDS = ("paper", "progress")
 DEFAULT_OBS = ("loss", "epoch", "grad_norm")
 TARGET_METRICS = ("loss", "fit")
 """What the target is compared with: the loss, or its data term alone (``fit``, for regularised families
@@ -30,16 +34,56 @@ _TINY = 1e-30
 
 @dataclass
 class RewardConfig:
-    """Weights of the reward (the paper's reward with its defaults; SPEC §1)."""
+    """The reward: its kind and the weights of its terms (defaults: the paper's reward, SPEC §1).
+
+    Every step's reward is the sum of four terms (reported in the info as ``reward_improvement``,
+    ``reward_time``, ``reward_target``, ``reward_divergence``)::
+
+        improvement * gain_t  -  time_cost  +  remaining * (budget - t) * [target reached at t]
+                              -  divergence_penalty * [diverged at t]
+
+    ``kind="paper"`` (the paper's reward, the default): ``gain_t = 100 * (best_{t-1} - f_t) / best_{t-1}``,
+    the percentage decrease below the best loss so far (0 without improvement). Its sum over an episode
+    depends on the path, and where the target is out of reach (``sales``) its only dense signal, the
+    percentages, shrinks as the loss falls: the agent learned a timid step there (issue 12).
+
+    ``kind="progress"``: ``gain_t = ln(best_{t-1} / best_t)`` (0 without improvement), so the gains of an
+    episode telescope to ``ln(f_0 / f_best)`` whatever the path: a scale-free measure of how far the run got,
+    which keeps teaching where the target is never reached. Over a whole episode ending at epoch ``T``::
+
+        sum of rewards = improvement * ln(f_0 / f_best) - time_cost * T
+                         + remaining * (budget - T) * [reached] - divergence_penalty * [diverged]
+
+    Where the target is reachable, ``ln(f_0 / f_best)`` is about ``ln(f_0 / target)`` for every successful run,
+    so what separates schedules is ``T``: the time cost and the target bonus. Use weights on the scale of the
+    per-epoch gains, e.g. ``{kind: progress, improvement: 1, remaining: 0.05, time_cost: 0.05}``
+    (:data:`PROGRESS_REWARD`); the divergence penalty must stay above ``time_cost * budget`` so that
+    diverging never pays.
+    """
 
     improvement: float = 1.0
-    """Weight of the percentage decrease of the loss below the best loss so far (0 if no improvement)."""
+    """Weight of the improvement gain (see the class docstring: a percentage for 'paper', a log ratio for
+    'progress'; 0 if no improvement)."""
     remaining: float = 1.0
     """Bonus per epoch left of the budget when the target loss is reached."""
     divergence_penalty: float = 100.0
     """Subtracted once when the run diverges (the episode then ends)."""
     time_cost: float = 0.0
     """Subtracted every epoch (0 in the paper; a small cost teaches urgency, SPEC §5)."""
+    kind: str = "paper"
+    """'paper' (default) or 'progress': what the improvement term measures (see the class docstring)."""
+
+    def __post_init__(self):
+        if self.kind not in REWARD_KINDS:
+            raise ValueError(f"unknown reward kind {self.kind!r}; choose one of {REWARD_KINDS} "
+                             "('paper': percentage gains, the paper's; 'progress': log-ratio gains)")
+        if self.divergence_penalty < 0 or self.time_cost < 0 or self.remaining < 0 or self.improvement < 0:
+            raise ValueError(f"reward weights must be >= 0 (signs are fixed by the reward), got {self}")
+
+
+PROGRESS_REWARD = {"kind": "progress", "improvement": 1.0, "remaining": 0.05, "time_cost": 0.05,
+                   "divergence_penalty": 100.0}
+"""A progress reward on the scale of its per-epoch gains (the setting measured in the README)."""
 
 
 @dataclass
@@ -52,7 +96,10 @@ class TaskConfig:
     """'log_bound': a in [-1, 1] -> lr = action_center * (2/L) * 10^(log_range * a) per factor (scale-free,
     default); 'paper': a in [0, lr_max] is the absolute learning rate of both factors, as in the paper;
     'relative': a in [-1, 1] multiplies each factor's previous step size by 10^(relative_range * a), kept in
-    [lr_min, lr_max] (needs no Lipschitz constant to act: the form a policy takes into an ordinary training loop)."""
+    [lr_min, lr_max] (needs no Lipschitz constant to act: the form a policy takes into an ordinary training loop);
+    'per_factor': a 2-D action (a_W, a_H) in [-1, 1]^2 -> lr_X = action_center * (2/L_X) * 10^(log_range * a_X),
+    each factor relative to its own bound (the minibatch H-step diverges near 0.55 x 2/L_H while the exact
+    W-step is stable to 2/L_W, SPEC §5: one shared scale cannot use both)."""
     lr_max: float = 1.0
     """Upper end of the 'paper' action space (the paper: 1, about 10x its bound); in 'relative' mode the upper
     bound of the step size, in the units of ``lr_init`` (see ``lr_reference``)."""
@@ -81,6 +128,8 @@ class TaskConfig:
     """Override of the family's target loss (absolute); None = the instance's own target."""
     obs_clip: float = 100.0
     """Observations are clipped to [-obs_clip, obs_clip] (and never non-finite)."""
+    slope_smoothing: float = 0.8
+    """'loss_slope_ema': weight of the previous average (ema_t = s * ema_{t-1} + (1 - s) * slope_t, ema_0 = 0)."""
 
     def __post_init__(self):
         if isinstance(self.reward, dict):
@@ -103,6 +152,8 @@ class TaskConfig:
             raise ValueError(f"relative action mode needs 0 < lr_min <= lr_init <= lr_max and relative_range > 0, "
                              f"got lr_min={self.lr_min}, lr_init={self.lr_init}, lr_max={self.lr_max}, "
                              f"relative_range={self.relative_range}")
+        if not 0 <= self.slope_smoothing < 1:
+            raise ValueError(f"slope_smoothing must be in [0, 1), got {self.slope_smoothing}")
         if not self.divergence_factor > 1:
             raise ValueError(f"divergence_factor must be > 1, got {self.divergence_factor}")
 
@@ -121,8 +172,19 @@ class TaskConfig:
 
     # -------------------------------------------------------------- spaces
     @property
+    def action_dim(self) -> int:
+        """Components of one action: 2 for 'per_factor' (W, H), else 1."""
+        return 2 if self.action_mode == "per_factor" else 1
+
+    def feature_width(self, feature: str) -> int:
+        """Entries ``feature`` contributes to the observation vector."""
+        if feature in TWO_COLUMN_FEATURES:
+            return 2
+        return self.action_dim if feature == "prev_action" else 1
+
+    @property
     def obs_dim(self) -> int:
-        return sum(2 if f == "bound" else 1 for f in self.obs_features)
+        return sum(self.feature_width(f) for f in self.obs_features)
 
     def observation_space(self) -> gym.spaces.Box:
         c = self.obs_clip
@@ -135,24 +197,33 @@ class TaskConfig:
         return np.float32(-1.0), np.float32(1.0)
 
     def action_space(self) -> gym.spaces.Box:
-        if self.action_mode == "paper":
-            return gym.spaces.Box(0.0, self.lr_max, shape=(1,), dtype=np.float32)
-        return gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+        low, high = self._action_bounds()
+        return gym.spaces.Box(float(low), float(high), shape=(self.action_dim,), dtype=np.float32)
 
     def actions_to_lr(self, actions: np.ndarray, L: np.ndarray, prev_lr: np.ndarray | None = None,
                       lr_bounds: tuple[np.ndarray, np.ndarray] | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Map (B,) raw actions to (B, 2) step sizes for (W, H) given (B, 2) Lipschitz constants.
+        """Map raw actions, (B,) or (B, 1) ((B, 2) in 'per_factor' mode), to (B, 2) step sizes for (W, H)
+        given (B, 2) Lipschitz constants.
 
         'relative' mode ignores ``L`` and needs the state kept by :class:`EpisodeTracker`: ``prev_lr``
         (B, 2), the step sizes in force, and ``lr_bounds`` ((B, 2) low, (B, 2) high) in absolute units.
-        Returns ``(lr, clipped_action, invalid)``: finite actions are clipped into the action space
-        (+-inf to its ends); NaN is *invalid* and the caller ends the episode as a divergence.
+        Returns ``(lr, clipped_action, invalid)`` with the clipped action (B,) ((B, 2) in 'per_factor' mode) and
+        ``invalid`` (B,): finite actions are clipped into the action space (+-inf to its ends); a NaN in any
+        component is *invalid* and the caller ends the episode as a divergence.
         """
-        a = np.asarray(actions, dtype=np.float64).reshape(-1)
-        invalid = np.isnan(a)
+        raw = np.asarray(actions, dtype=np.float64)
+        if self.action_mode == "per_factor":
+            if raw.size % 2:
+                raise ValueError(f"per_factor action mode: actions need 2 components (a_W, a_H) each, got an "
+                                 f"array of shape {raw.shape}")
+            a = raw.reshape(-1, 2)
+            invalid = np.isnan(a).any(axis=1)
+        else:
+            a = raw.reshape(-1)
+            invalid = np.isnan(a)
         low, high = self._action_bounds()
-        a = np.clip(np.where(invalid, low, a), low, high) if invalid.any() else np.clip(a, low, high)
+        a = np.clip(np.where(np.isnan(a), low, a), low, high) if invalid.any() else np.clip(a, low, high)
         if self.action_mode == "paper":
             lr = np.repeat(a[:, None], 2, axis=1)
         elif self.action_mode == "relative":
@@ -160,16 +231,28 @@ class TaskConfig:
                 raise ValueError("relative action mode: actions_to_lr needs prev_lr and lr_bounds "
                                  "(EpisodeTracker.actions_to_lr supplies them)")
             lr = np.clip(prev_lr * 10.0 ** (self.relative_range * a[:, None]), lr_bounds[0], lr_bounds[1])
-        else:
-            lr = (2.0 * self.action_center / np.maximum(L, _TINY)) * 10.0 ** (self.log_range * a[:, None])
+        else:  # log_bound (one scale for both factors) or per_factor (one per factor): broadcast over (B, 2)
+            scale = a[:, None] if a.ndim == 1 else a
+            lr = (2.0 * self.action_center / np.maximum(L, _TINY)) * 10.0 ** (self.log_range * scale)
         return lr, a, invalid
 
     def action_for_scale(self, scale: np.ndarray | float) -> np.ndarray:
-        """'log_bound' action that gives lr = scale * (2/L) (scale clipped into the covered range): an element
-        of :meth:`action_space` (shape (1,)) for a scalar scale, shape (B,) for B scales."""
-        if self.action_mode != "log_bound":
-            raise ValueError("action_for_scale needs action_mode='log_bound'")
+        """The action that gives lr = scale * (2/L) per factor (scale clipped into the covered range).
+
+        'log_bound': shape (1,) (an element of :meth:`action_space`) for a scalar scale, (B,) for B scales.
+        'per_factor': ``scale`` is a scalar (both factors), a pair ``(s_W, s_H)`` -> shape (2,), or (B, 2)
+        pairs -> (B, 2); ``lr_W = s_W * 2/L_W`` and ``lr_H = s_H * 2/L_H``.
+        """
+        if self.action_mode not in ("log_bound", "per_factor"):
+            raise ValueError(f"action_for_scale needs action_mode 'log_bound' or 'per_factor', "
+                             f"not {self.action_mode!r}")
         s = np.maximum(np.asarray(scale, dtype=np.float64), _TINY)
+        if self.action_mode == "per_factor":
+            if s.ndim == 0:
+                s = np.repeat(s, 2)
+            if s.shape[-1] != 2 or s.ndim > 2:
+                raise ValueError(f"per_factor action_for_scale: give a scalar, a pair (s_W, s_H) or (B, 2) pairs, "
+                                 f"got shape {s.shape}")
         a = np.clip(np.log10(s / self.action_center) / self.log_range, -1.0, 1.0).astype(np.float32)
         return a.reshape(1) if a.ndim == 0 else a
 
@@ -185,8 +268,10 @@ class EpisodeTracker:
         self.has_heldout = has_heldout
         self._target_col = STAT_FIT if target_metric == "fit" else STAT_LOSS
         z = lambda: np.zeros(batch)  # noqa: E731
-        self.f0, self.g0, self.best, self.target, self.prev_action = z(), z(), z(), z(), z()
-        self.prev_loss = z()
+        self.f0, self.g0, self.best, self.target = z(), z(), z(), z()
+        self.prev_action = np.zeros((batch, cfg.action_dim))
+        self.prev_loss, self.slope_ema = z(), z()
+        self.last_lr = np.full((batch, 2), np.nan)  # step sizes of the last epoch (NaN before the first)
         self.epoch = np.zeros(batch, dtype=np.int64)
         self.stats = np.zeros((batch, NUM_STATS))
         # 'relative' mode: step sizes in force (B, 2), their start values and absolute bounds
@@ -204,6 +289,8 @@ class EpisodeTracker:
         self.target[idx] = target if self.cfg.target_loss is None else self.cfg.target_loss
         self.prev_action[idx] = 0.0
         self.prev_loss[idx] = stats[:, STAT_LOSS]
+        self.slope_ema[idx] = 0.0
+        self.last_lr[idx] = np.nan
         self.epoch[idx] = 0
         self.done[idx] = False
         cfg = self.cfg
@@ -220,6 +307,11 @@ class EpisodeTracker:
     def actions_to_lr(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`TaskConfig.actions_to_lr` for the current state of every slot (any action mode)."""
         return self.cfg.actions_to_lr(actions, self.lipschitz(), self.lr, (self.lr_lo, self.lr_hi))
+
+    def lr_in_force(self) -> np.ndarray:
+        """(B, 2) step sizes in force: 'relative' mode's state, else the last epoch's (NaN before the first)."""
+        return self.lr if self.cfg.action_mode == "relative" else self.last_lr
+
     def observe(self) -> np.ndarray:
         """(B, obs_dim) float32 observations, always finite."""
         s = self.stats
@@ -237,13 +329,22 @@ class EpisodeTracker:
                     cols.append(np.log10(2.0 / s[:, STAT_L_W]))
                     cols.append(np.log10(2.0 / s[:, STAT_L_H]))
                 elif f == "prev_action":
-                    cols.append(self.prev_action)
+                    cols.extend(self.prev_action.T)
                 elif f == "target_gap":
                     cols.append(np.log10(s[:, self._target_col] / self.target))
                 elif f == "lr_rel":  # the step size in force relative to its start (mean over the factors)
                     cols.append(np.log10(self.lr / self.lr0).mean(axis=1))
                 elif f == "loss_slope":  # log10 change of the loss over the last epoch (0 before the first)
                     cols.append(np.log10(s[:, STAT_LOSS] / self.prev_loss))
+                elif f == "loss_slope_ema":  # exponential average of loss_slope (0 before the first epoch)
+                    cols.append(self.slope_ema)
+                elif f == "grad_noise":  # log10(1 + Var(minibatch H-gradient estimates) / ||their mean||^2)
+                    cols.append(np.log10(1.0 + np.maximum(s[:, STAT_GRAD_NOISE], 0.0)))
+                elif f == "lr_bound":  # log10(step in force / current bound 2/L), per factor; 0 before a step
+                    rel = np.log10(self.lr_in_force() * s[:, [STAT_L_W, STAT_L_H]] / 2.0)
+                    cols.extend(np.where(np.isnan(self.lr_in_force()), 0.0, rel).T)
+                elif f == "epochs_left":  # (budget - epoch) / budget, in [0, 1]
+                    cols.append((self.cfg.budget - self.epoch) / self.cfg.budget)
         obs = np.stack(cols, axis=1)
         return np.clip(np.nan_to_num(obs, nan=c, posinf=c, neginf=-c), -c, c).astype(np.float32)
 
@@ -254,15 +355,23 @@ class EpisodeTracker:
         prev_L = self.lipschitz().copy()
         self.prev_loss = self.stats[:, STAT_LOSS].copy()
         self.stats = stats
+        self.last_lr = np.where(invalid[:, None], self.last_lr, lr)
+        with np.errstate(all="ignore"):
+            slope = np.log10(stats[:, STAT_LOSS] / self.prev_loss)
+        slope = np.where(np.isfinite(slope), slope, 0.0)  # a diverged step ends the episode anyway
+        self.slope_ema = cfg.slope_smoothing * self.slope_ema + (1.0 - cfg.slope_smoothing) * slope
         if cfg.action_mode == "relative":  # an invalid (NaN) action leaves the step size as it was
             self.lr = np.where(invalid[:, None], self.lr, lr)
         self.epoch += 1
-        self.prev_action = actions
+        self.prev_action = np.asarray(actions, dtype=np.float64).reshape(self.B, -1)
         loss = stats[:, STAT_LOSS]
         with np.errstate(all="ignore"):
             diverged = invalid | ~np.isfinite(loss) | (loss > cfg.divergence_factor * self.f0)
             improved = ~diverged & (loss < self.best)
-            gain = np.where(improved, 100.0 * (self.best - loss) / np.maximum(self.best, _TINY), 0.0)
+            if w.kind == "progress":  # ln(best_{t-1} / best_t): telescopes to ln(f0 / f_best)
+                gain = np.where(improved, np.log(np.maximum(self.best, _TINY) / np.maximum(loss, _TINY)), 0.0)
+            else:  # the paper's percentage decrease below the best loss so far
+                gain = np.where(improved, 100.0 * (self.best - loss) / np.maximum(self.best, _TINY), 0.0)
         self.best = np.where(improved, loss, self.best)
         # the episode ends at the first epoch at or below the target, so "now" is "ever" here
         reached = ~diverged & (stats[:, self._target_col] <= self.target)

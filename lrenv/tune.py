@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from .problems import DEFAULT_PROBLEM, parse_problem_params
-from .schedules import Armijo, CosineDecay, FixedScale, RandomWalkBound, Schedule, TwoPhase
+from .schedules import Armijo, CosineDecay, FixedScale, FixedScalePair, RandomWalkBound, Schedule, TwoPhase
 
 TUNED_DIR = Path(__file__).parent / "tuned"
 """The tuned settings shipped for the built-in families (``<family>.yml``)."""
@@ -45,6 +45,8 @@ def _grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
 SEARCH_SPACES: dict[str, tuple[Callable[..., Schedule] | str, list[dict[str, Any]], dict[str, Any]]] = {
     # name: (schedule class or solver name, grid of settings, default setting)
     "fixed-c": (FixedScale, _grid(c=[0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 1.9]), {"c": 1.1}),
+    "fixed-cwch": (FixedScalePair, _grid(c_W=[0.5, 1.0, 1.5, 1.9], c_H=[0.2, 0.5, 0.8, 1.1, 1.4]),
+                   {"c_W": 1.1, "c_H": 1.1}),
     "cosine": (CosineDecay, _grid(peak=[0.15, 0.25, 0.4, 0.5, 0.55, 0.65, 0.8], final=[0.02, 0.1]),
                {"peak": 0.55, "final": 0.05}),
     "two-phase": (TwoPhase, _grid(c_high=[0.5, 0.8, 1.1, 1.3, 1.6], c_low=[0.2, 0.4, 0.8, 1.0], switch=[0.3, 0.6]),
@@ -67,7 +69,12 @@ def make_tuned(method: str, params: dict[str, Any]) -> Schedule:
     if isinstance(factory, str):
         raise ValueError(f"{method} is an outside solver: its tuned settings are solver options")
     schedule = factory(**params)
-    schedule.name = f"fixed c={params['c']:g} (tuned)" if method == "fixed-c" else f"{method} (tuned)"
+    if method == "fixed-c":
+        schedule.name = f"fixed c={params['c']:g} (tuned)"
+    elif method == "fixed-cwch":
+        schedule.name = f"fixed cW={params['c_W']:g},cH={params['c_H']:g} (tuned)"
+    else:
+        schedule.name = f"{method} (tuned)"
     return schedule
 
 

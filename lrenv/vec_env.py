@@ -98,7 +98,8 @@ class BatchedNMFVecEnv(VecEnv):
         self.family = make_family(problem, **(problem_params or {}))
         self.instances = resolve_instances(instances)
         self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget, **task_kwargs)
-        cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype, threads)
+        cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype, threads,
+                            track_noise="grad_noise" in self.task.obs_features)
         self.memory_bytes = check_memory(cfg, int(num_envs))
         B = int(num_envs)
         self.engine = SGDEngine(cfg, batch=B)
@@ -178,7 +179,7 @@ class BatchedNMFVecEnv(VecEnv):
         if self._needs_reset:
             raise RuntimeError("BatchedNMFVecEnv.step() called before reset(); call reset()")
         B, cfg = self.num_envs, self.engine.cfg
-        actions = np.asarray(self._actions, dtype=np.float64).reshape(B, -1)[:, 0]
+        actions = np.asarray(self._actions, dtype=np.float64).reshape(B, -1)[:, :self.task.action_dim]
         lr, a, invalid = self.tracker.actions_to_lr(actions)
         t = np.minimum(self.tracker.epoch, self.task.budget - 1)
         order = self._orders[self._arange, t]  # (B, K): each slot's minibatch order for its epoch

@@ -169,10 +169,10 @@ PPO_SCHEMA: dict[str, Check] = {
 
 
 def _reward(key: str, v: Any) -> None:
-    from lrenv.task import RewardConfig
+    from lrenv.task import REWARD_KINDS, RewardConfig
     if not isinstance(v, dict):
         _fail(key, v, "must be a mapping of reward weights")
-    known = {f: real(None) for f in RewardConfig.__dataclass_fields__}
+    known = {f: one_of(*REWARD_KINDS) if f == "kind" else real(None) for f in RewardConfig.__dataclass_fields__}
     _check_mapping(key, v, known)
 
 
@@ -200,6 +200,7 @@ def _env_schema() -> dict[str, Check]:
         "divergence_factor": real(1.0),
         "target_loss": optional(real(0.0)),
         "obs_clip": real(0.0),
+        "slope_smoothing": real(0.0, 1.0, lo_open=False, hi_open=True),
     }
 
 
