@@ -427,8 +427,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env-threads", type=int, default=1,
                    help="torch threads of the environments' SGD on CPU (0: every core; more than one is slower on a "
                         "busy machine)")
-    p.add_argument("--eval-freq", type=int, default=10_000, help="held-out evaluation every N timesteps (0: off)")
-    p.add_argument("--eval-episodes", type=int, default=5, help="held-out instances per evaluation")
+    p.add_argument("--eval-freq", type=int, default=10_000, help="evaluation on validation instances every N timesteps, selects best_model.zip (0: off)")
+    p.add_argument("--eval-episodes", type=int, default=5, help="validation instances per evaluation")
     p.add_argument("--checkpoint-freq", type=int, default=20_000,
                    help="checkpoint every N timesteps, at the next rollout boundary (0: no checkpoints)")
     p.add_argument("--runs-dir", default="runs", help="where run directories are created")
