@@ -1,6 +1,6 @@
 """``lrenv benchmark SUITE --out DIR``: many training seeds x families x methods, run as independent trials.
 
-A *suite* is a YAML file (shipped ones: ``lrenv/suites/{core,smoke}.yml``; any path works) naming the families
+A *suite* is a YAML file (shipped ones: ``lrenv/suites/{core,core-lite,smoke}.yml``; any path works) naming the families
 (problem, params, budget), the agent configurations (``key:value`` hyperparameter overrides as ``lrenv train``
 takes them, env kwargs), the training seeds, the baselines (evaluation method names) and the number of test
 instances. :func:`expand` turns it into :class:`Trial` s of three kinds:
