@@ -43,7 +43,7 @@ def test_suite_errors_name_the_problem():
         parse_suite({**base, "agents": {"ppo": {"overrides": ["n_timesteps"]}}})
     with pytest.raises(ValueError, match="budget must be a positive integer"):
         parse_suite({**base, "families": {"small": {"budget": 0}}})
-    with pytest.raises(ValueError, match="unknown suite 'smok'.*shipped suites are core, smoke"):
+    with pytest.raises(ValueError, match="unknown suite 'smok'.*shipped suites are core, core-lite, smoke"):
         load_suite("smok")
 
 
