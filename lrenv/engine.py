@@ -45,6 +45,7 @@ projection onto ``>= 0`` for non-negative families.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass, field
@@ -117,6 +118,14 @@ class EngineConfig:
     """Masked families only: relative slack allowed in the reported Lipschitz constants before their exact
     recomputation (0: recompute every evaluation). See the module docstring."""
 
+    def __post_init__(self):  # checked here, so that an env can refuse a bad setting before building its engine
+        if self.num_blocks < 1 or self.num_blocks > self.m:
+            raise ValueError(f"num_blocks must be between 1 and the number of rows ({self.m}), got {self.num_blocks}")
+        if self.threads is not None and not (isinstance(self.threads, (int, np.integer)) and self.threads >= 1):
+            raise ValueError(f"threads must be a positive number of torch threads or None, got {self.threads!r}")
+        if not self.bound_tol >= 0:
+            raise ValueError(f"bound_tol must be >= 0 (0: exact masked bounds every evaluation), got {self.bound_tol!r}")
+
     @property
     def block_rows(self) -> int:
         return -(-self.m // self.num_blocks)
@@ -181,17 +190,38 @@ def _times_transpose(R: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return torch.bmm(H, R.transpose(1, 2)).transpose(1, 2)
 
 
+def _switch_threads(cfg: EngineConfig, on_gpu: bool) -> int | None:
+    """Switch torch to ``cfg.threads`` threads on a CPU (~0.3 us: cheap enough per call); returns the count to
+    restore afterwards, or None when nothing changed."""
+    wanted = cfg.threads
+    if wanted is None or on_gpu:
+        return None
+    before = torch.get_num_threads()
+    if before == wanted:
+        return None
+    torch.set_num_threads(int(wanted))
+    return before
+
+
+@contextlib.contextmanager
+def torch_threads(cfg: EngineConfig):
+    """``cfg.threads`` torch threads for the enclosed work (CPU only); the caller's count is restored."""
+    before = _switch_threads(cfg, torch.device(cfg.device).type != "cpu")
+    try:
+        yield
+    finally:
+        if before is not None:
+            torch.set_num_threads(before)
+
+
 def _with_threads(method):
-    """Run an engine method with ``cfg.threads`` torch threads on a CPU, restoring the caller's count."""
+    """Run an engine method with ``cfg.threads`` torch threads on a CPU, restoring the caller's count (the
+    per-call form of :func:`torch_threads`, without a context manager on the per-epoch path)."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        wanted = self.cfg.threads
-        if wanted is None or self._on_gpu:
+        before = _switch_threads(self.cfg, self._on_gpu)
+        if before is None:
             return method(self, *args, **kwargs)
-        before = torch.get_num_threads()
-        if before == wanted:
-            return method(self, *args, **kwargs)
-        torch.set_num_threads(wanted)  # ~0.3 us: cheap enough per call
         try:
             return method(self, *args, **kwargs)
         finally:
@@ -209,10 +239,6 @@ class SGDEngine:
     """
 
     def __init__(self, cfg: EngineConfig, batch: int = 1):
-        if cfg.num_blocks < 1 or cfg.num_blocks > cfg.m:
-            raise ValueError(f"num_blocks must be between 1 and the number of rows ({cfg.m}), got {cfg.num_blocks}")
-        if cfg.threads is not None and not (isinstance(cfg.threads, (int, np.integer)) and cfg.threads >= 1):
-            raise ValueError(f"threads must be a positive number of torch threads or None, got {cfg.threads!r}")
         self.cfg = cfg
         self.B = batch
         K, b, n, r = cfg.num_blocks, cfg.block_rows, cfg.n, cfg.rank
@@ -235,8 +261,6 @@ class SGDEngine:
         self._noise_gen: list[torch.Generator | None] = [None] * batch
         self.grad_noise = torch.zeros(batch, **opts)  # last epoch's STAT_GRAD_NOISE
         self._on_gpu = torch.device(cfg.device).type != "cpu"
-        if not cfg.bound_tol >= 0:
-            raise ValueError(f"bound_tol must be >= 0 (0: exact masked bounds every evaluation), got {cfg.bound_tol!r}")
         # masked bounds: the exact constants (L_W, L_H, without reg) at each block's last exact computation,
         # the factors they were computed from, whether they are valid for the loaded instance, and a count of
         # exact computations per instance and block (for tests and benchmarks)
@@ -388,10 +412,14 @@ class SGDEngine:
         return D if weight is None else D * self._flat(weight)
 
     def _loss(self, W: torch.Tensor, H: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        loss = 0.5 * _sqnorm(R)
-        if self.cfg.reg:
-            loss = loss + 0.5 * self.cfg.reg * (_sqnorm(W * self.free_W) + _sqnorm(H * self.free_H))
-        return loss
+        return self._fit_and_loss(W, H, R)[1]
+
+    def _fit_and_loss(self, W: torch.Tensor, H: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fit, loss): the data term 1/2 ||R||^2 and the loss, which adds the regularisation when there is one."""
+        fit = 0.5 * _sqnorm(R)
+        if not self.cfg.reg:
+            return fit, fit
+        return fit, fit + 0.5 * self.cfg.reg * (_sqnorm(W * self.free_W) + _sqnorm(H * self.free_H))
 
     def _slots(self, index) -> tuple[torch.Tensor | None, tuple]:
         """The per-instance tensors of all slots (index None) or of the listed slots: views when they
@@ -424,8 +452,7 @@ class SGDEngine:
         Wf = self._flat(W)
         D = self._residual(W, H, V)
         R = self._weighted(D, weight)
-        loss = self._loss(W, H, R)
-        fit = 0.5 * _sqnorm(R) if cfg.reg else loss
+        fit, loss = self._fit_and_loss(W, H, R)
         gW = _times_transpose(R, H).reshape(W.shape)
         gH = torch.bmm(Wf.transpose(1, 2), R)
         if cfg.reg:

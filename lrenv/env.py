@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 from typing import Any
@@ -11,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from .engine import STAT_GRAD_NORM, STAT_LOSS, EngineConfig, SGDEngine
+from .engine import STAT_GRAD_NORM, STAT_LOSS, EngineConfig, SGDEngine, torch_threads
 from .problems import SPLITS, Problem, ProblemFamily, make_family, split_seeds
 from .task import EpisodeTracker, TaskConfig
 
@@ -180,7 +179,6 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
         self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget, **task_kwargs)
         self.engine_cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype, threads,
                                         track_noise="grad_noise" in self.task.obs_features)
-        _check_engine_config(self.engine_cfg)
         self._engine: SGDEngine | None = None  # built at first use: no torch work in the constructor
         self.tracker = EpisodeTracker(self.task, 1, self.family.has_heldout, self.family.target_metric)
         self.observation_space = self.task.observation_space()
@@ -195,7 +193,7 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     def engine(self) -> SGDEngine:
         """The SGD engine, allocated on first use (under the env's thread setting, see the class docstring)."""
         if self._engine is None:
-            with _torch_threads(self.engine_cfg):
+            with torch_threads(self.engine_cfg):
                 self._engine = SGDEngine(self.engine_cfg, batch=1)
         return self._engine
 
@@ -285,28 +283,6 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     def oracle(self) -> "LROracle":
         """Documented handle for schedules that need the problem (bound, gradient, trial steps)."""
         return LROracle(self)
-
-
-def _check_engine_config(cfg: EngineConfig) -> None:
-    """The checks SGDEngine makes, done in the constructor although the engine is built later."""
-    if cfg.num_blocks < 1 or cfg.num_blocks > cfg.m:
-        raise ValueError(f"num_blocks must be between 1 and the number of rows ({cfg.m}), got {cfg.num_blocks}")
-    if cfg.threads is not None and not (isinstance(cfg.threads, (int, np.integer)) and cfg.threads >= 1):
-        raise ValueError(f"threads must be a positive number of torch threads or None, got {cfg.threads!r}")
-
-
-@contextlib.contextmanager
-def _torch_threads(cfg: EngineConfig):
-    """``cfg.threads`` torch threads for the enclosed work (CPU only); the caller's count is restored."""
-    before = torch.get_num_threads()
-    change = cfg.threads is not None and torch.device(cfg.device).type == "cpu" and before != cfg.threads
-    if change:
-        torch.set_num_threads(int(cfg.threads))
-    try:
-        yield
-    finally:
-        if change:
-            torch.set_num_threads(before)
 
 
 def _engine_state(engine: SGDEngine) -> dict:

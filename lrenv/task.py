@@ -378,7 +378,7 @@ class EpisodeTracker:
         remaining = cfg.budget - self.epoch
         terms = (w.improvement * gain, np.full(self.B, -w.time_cost), np.where(reached, w.remaining * remaining, 0.0),
                  np.where(diverged, -w.divergence_penalty, 0.0))
-        reward = terms[0] + terms[1] + terms[2] + terms[3]
+        reward = sum(terms)
         terminated = diverged | reached
         truncated = ~terminated & (self.epoch >= cfg.budget)
         self.done = terminated | truncated
@@ -400,8 +400,9 @@ class EpisodeTracker:
         cols = [self.epoch[slots].tolist(), s[:, STAT_LOSS].tolist(), s[:, STAT_FIT].tolist(), self.best[slots].tolist(),
                 self.target[slots].tolist(), s[:, STAT_GRAD_NORM].tolist(), lr[:, 0].tolist(), lr[:, 1].tolist(),
                 bound[:, 0].tolist(), bound[:, 1].tolist(), *flags]
-        zero = np.zeros(len(cols[0]))
-        cols += [np.asarray(t)[slots].tolist() if terms is not None else zero.tolist() for t in (terms or (0,) * 4)]
+        if terms is None:  # episode start: no reward yet
+            terms = (np.zeros(self.B),) * len(self.REWARD_TERMS)
+        cols += [np.asarray(t)[slots].tolist() for t in terms]
         infos = [dict(zip(self._INFO_KEYS + self.REWARD_TERMS, row)) for row in zip(*cols)]
         if self.has_heldout:
             for info, mse in zip(infos, s[:, STAT_HELDOUT].tolist()):
