@@ -226,17 +226,22 @@ def test_learnedlr_sets_the_rates_the_actions_imply():
     assert third[4] == pytest.approx(math.log10(losses[2] / losses[1]), abs=1e-6)
 
 
-def test_learnedlr_survives_a_forced_divergence_and_checkpoints():
-    from lrenv import LearnedLR
-    w, f = _quadratic()
-    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
-    sched = LearnedLR(opt, ScriptedPolicy([0.0] * 20), total_epochs=20)
-    for _ in range(3):
+def _epochs(opt, sched, f, n: int) -> None:
+    """``n`` epochs of a plain torch loop: one optimizer step, then the scheduler sees the loss."""
+    for _ in range(n):
         opt.zero_grad()
         loss = f()
         loss.backward()
         opt.step()
         sched.step(loss)
+
+
+def test_learnedlr_survives_a_forced_divergence_and_checkpoints():
+    from lrenv import LearnedLR
+    w, f = _quadratic()
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    sched = LearnedLR(opt, ScriptedPolicy([0.0] * 20), total_epochs=20)
+    _epochs(opt, sched, f, 3)
     good = w.detach().clone()
     with torch.no_grad():
         w.mul_(1e30)  # blown up
@@ -252,12 +257,7 @@ def test_learnedlr_survives_a_forced_divergence_and_checkpoints():
     assert sched2.divergences == 1 and sched2.epochs_seen == 3 and sched2.caps == {0: pytest.approx(0.01)}
     # training goes on: the loss keeps decreasing with the reduced rate
     before = float(f().detach())
-    for _ in range(5):
-        opt.zero_grad()
-        loss = f()
-        loss.backward()
-        opt.step()
-        sched.step(loss)
+    _epochs(opt, sched, f, 5)
     assert float(f().detach()) < before and sched.divergences == 1
 
 
