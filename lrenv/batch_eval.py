@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .metrics import Trace
+from .metrics import Trace, trace_from_infos
 from .problems import reset_seed
 from .schedules import PolicySchedule, Schedule, schedule_env_kwargs
 from .task import TaskConfig
@@ -95,9 +95,7 @@ def _run_chunk(schedules: Sequence[Schedule], instances: Sequence[int], env_kwar
         if isinstance(s, PolicySchedule):
             policies.setdefault(id(s), (s, []))[1].append(j)
 
-    curves = {k: [[info[k]] for info in infos] for k in ("loss", "fit")}
-    steps = {k: [[] for _ in range(B)] for k in ("lr_W", "lr_H", "bound_W", "bound_H")}
-    last: list[dict | None] = [None] * B
+    episodes = [[info] for info in infos]  # per run: the reset info, then one per epoch
     active = np.ones(B, dtype=bool)
     actions = np.zeros((B,) + venv.action_space.shape, dtype=np.float32)
     t0 = time.perf_counter()
@@ -112,29 +110,14 @@ def _run_chunk(schedules: Sequence[Schedule], instances: Sequence[int], env_kwar
                 actions[live] = policy.predict_batch(obs[live])
         obs, _, dones, step_infos = venv.step(actions)
         for j in np.flatnonzero(active):
-            info = step_infos[j]
-            for k in ("loss", "fit"):
-                curves[k][j].append(info[k])
-            for k in steps:
-                steps[k][j].append(info[k])
+            episodes[j].append(step_infos[j])
             if dones[j]:  # the slot is frozen from here on
                 active[j] = False
-                last[j] = info
                 walls[j] = time.perf_counter() - t0
     venv.close()
-    traces = []
-    for j, (s, inst) in enumerate(zip(runs, instances)):
-        info = last[j]
-        assert info is not None
-        n = len(curves["loss"][j])
-        wall = np.linspace(0.0, walls[j] / B, n)  # amortised: the batch's time shared by its runs
-        traces.append(Trace(method=s.name, seed_index=-1, instance=int(inst), target_loss=info["target_loss"],
-                            loss=np.array(curves["loss"][j]), wall=wall, lr_W=np.array(steps["lr_W"][j]),
-                            lr_H=np.array(steps["lr_H"][j]), bound_W=np.array(steps["bound_W"][j]),
-                            bound_H=np.array(steps["bound_H"][j]), budget=venv.task.budget,
-                            diverged=bool(info["diverged"]), reached_target=bool(info["reached_target"]),
-                            heldout_mse=float(info.get("heldout_mse", np.nan)), extra_loss_evals=0,
-                            divergence_factor=venv.task.divergence_factor, fit=np.array(curves["fit"][j]),
-                            target_metric=venv.family.target_metric,
-                            heldout_reference=float(venv.problems[j].info.get("truth_heldout_mse", np.nan))))
-    return traces
+    return [trace_from_infos(s.name, inst, episodes[j],
+                             np.linspace(0.0, walls[j] / B, len(episodes[j])),  # amortised: the batch's time shared
+                             budget=venv.task.budget, divergence_factor=venv.task.divergence_factor,
+                             target_metric=venv.family.target_metric,
+                             heldout_reference=float(venv.problems[j].info.get("truth_heldout_mse", np.nan)))
+            for j, (s, inst) in enumerate(zip(runs, instances))]

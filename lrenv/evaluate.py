@@ -50,7 +50,8 @@ from .schedules import (Armijo, BarzilaiBorwein, CosineDecay, FixedLR, FixedScal
                         RandomUnderBound, RandomWalkBound, Schedule, TwoPhase, fixed_grid, load_policy,
                         schedule_env_kwargs)
 from .batch_eval import group_key, run_batched
-from .metrics import RESULT_COLUMNS, Trace, auc_log_loss, epochs_to_target, trace_metrics  # noqa: F401 (re-exported)
+from .metrics import (RESULT_COLUMNS, Trace, auc_log_loss, epochs_to_target,  # noqa: F401 (re-exported)
+                      trace_from_infos, trace_metrics)
 from .solvers import SolverUnavailable, applicability, run_solver
 
 DEFAULT_SCALES = (0.2, 0.5, 1.0, 1.1, 1.3, 1.6, 1.9)
@@ -189,9 +190,7 @@ def run_schedule(schedule: Schedule, env_kwargs: dict, seed_index: int, *, seed:
     instance = int(split_seeds(split)[seed_index])
     obs, info = env.reset(seed=reset_seed(instance, seed), options={"instance": instance})
     schedule.reset(env.oracle, np.random.default_rng([seed, instance, 1]))
-    budget = env.task.budget
-    loss, fit, wall = [info["loss"]], [info["fit"]], [0.0]
-    lr_W, lr_H, b_W, b_H = [], [], [], []
+    infos, wall = [info], [0.0]
     state, start = None, np.ones(1, dtype=bool)
     t0 = time.perf_counter()
     while True:
@@ -199,21 +198,13 @@ def run_schedule(schedule: Schedule, env_kwargs: dict, seed_index: int, *, seed:
         start = np.zeros(1, dtype=bool)
         obs, _, terminated, truncated, info = env.step(action)
         wall.append(time.perf_counter() - t0)
-        loss.append(info["loss"])
-        fit.append(info["fit"])
-        lr_W.append(info["lr_W"])
-        lr_H.append(info["lr_H"])
-        b_W.append(info["bound_W"])
-        b_H.append(info["bound_H"])
+        infos.append(info)
         if terminated or truncated:
             break
-    return Trace(method=schedule.name, seed_index=seed_index, instance=instance, target_loss=info["target_loss"],
-                 loss=np.array(loss), wall=np.array(wall), lr_W=np.array(lr_W), lr_H=np.array(lr_H),
-                 bound_W=np.array(b_W), bound_H=np.array(b_H), budget=budget, diverged=bool(info["diverged"]),
-                 reached_target=bool(info["reached_target"]), heldout_mse=float(info.get("heldout_mse", math.nan)),
-                 extra_loss_evals=int(schedule.extra_loss_evals), divergence_factor=env.task.divergence_factor,
-                 fit=np.array(fit), target_metric=env.family.target_metric,
-                 heldout_reference=float(env.problem.info.get("truth_heldout_mse", math.nan)))
+    return trace_from_infos(schedule.name, instance, infos, wall, budget=env.task.budget,
+                            divergence_factor=env.task.divergence_factor, target_metric=env.family.target_metric,
+                            heldout_reference=float(env.problem.info.get("truth_heldout_mse", math.nan)),
+                            seed_index=seed_index, extra_loss_evals=schedule.extra_loss_evals)
 
 
 # ----------------------------------------------------------------------------- aggregates

@@ -53,6 +53,25 @@ class Trace:
 
 
 
+def trace_from_infos(method: str, instance: int, infos: list[dict], wall, *, budget: int, divergence_factor: float,
+                     target_metric: str = "loss", heldout_reference: float = float("nan"), seed_index: int = -1,
+                     extra_loss_evals: int = 0) -> Trace:
+    """The :class:`Trace` of one env episode from its infos: the reset info, then one per step (the last one
+    ends the episode); ``wall`` has one entry per info."""
+    steps, last = infos[1:], infos[-1]
+
+    def col(key: str, rows: list[dict]) -> np.ndarray:
+        return np.array([info[key] for info in rows], dtype=np.float64)
+
+    return Trace(method=method, seed_index=seed_index, instance=int(instance), target_loss=last["target_loss"],
+                 loss=col("loss", infos), wall=np.asarray(wall, dtype=np.float64), lr_W=col("lr_W", steps),
+                 lr_H=col("lr_H", steps), bound_W=col("bound_W", steps), bound_H=col("bound_H", steps), budget=budget,
+                 diverged=bool(last["diverged"]), reached_target=bool(last["reached_target"]),
+                 heldout_mse=float(last.get("heldout_mse", math.nan)), extra_loss_evals=int(extra_loss_evals),
+                 divergence_factor=divergence_factor, fit=col("fit", infos), target_metric=target_metric,
+                 heldout_reference=heldout_reference)
+
+
 RESULT_COLUMNS = ("method", "seed_index", "instance", "epochs", "reached_target", "diverged", "epochs_to_target",
                   "wall_to_target", "wall_time", "initial_loss", "final_loss", "best_loss", "target_loss",
                   "heldout_mse", "heldout_ratio", "auc_log_loss", "extra_loss_evals", "mean_lr_W", "mean_lr_H", "mean_scale_W",
