@@ -315,3 +315,20 @@ def test_training_schema_accepts_the_new_settings_and_names_bad_ones():
         load_hyperparams("small", ["env_kwargs.reward:{kind: prog}"])
     with pytest.raises(ValueError, match="slope_smoothing"):
         load_hyperparams("small", ["env_kwargs.slope_smoothing:1.0"])
+
+
+def test_training_schema_covers_every_task_setting():
+    """Every TaskConfig keyword can be set from a hyperparameter file (the relative mode's were once refused)."""
+    import dataclasses
+
+    from lrenv.agents.train import load_hyperparams
+    from lrenv.agents.validate import _env_schema
+    from lrenv.task import TaskConfig
+
+    assert {f.name for f in dataclasses.fields(TaskConfig)} <= set(_env_schema())
+    hp = load_hyperparams("small", ["env_kwargs.action_mode:relative", "env_kwargs.relative_range:0.25",
+                                    "env_kwargs.lr_init:0.1", "env_kwargs.lr_min:0.0001", "env_kwargs.lr_max:1.0",
+                                    "env_kwargs.lr_reference:absolute"])
+    assert hp["env_kwargs"]["relative_range"] == 0.25 and hp["env_kwargs"]["lr_reference"] == "absolute"
+    with pytest.raises(ValueError, match=r"lr_reference: unknown value 'bund'.*Did you mean 'bound'"):
+        load_hyperparams("small", ["env_kwargs.lr_reference:bund"])

@@ -185,7 +185,7 @@ def _obs_features(key: str, v: Any) -> None:
 
 
 def _env_schema() -> dict[str, Check]:
-    from lrenv.task import ACTION_MODES
+    from lrenv.task import ACTION_MODES, LR_REFERENCES
     return {
         "budget": optional(integer(1)),
         "num_blocks": optional(integer(1)),
@@ -193,6 +193,10 @@ def _env_schema() -> dict[str, Check]:
         "dtype": one_of("float32", "float64"),
         "action_mode": one_of(*ACTION_MODES),
         "lr_max": real(0.0),
+        "lr_min": real(0.0),
+        "lr_init": real(0.0),
+        "lr_reference": one_of(*LR_REFERENCES),
+        "relative_range": real(0.0),
         "log_range": real(0.0),
         "action_center": real(0.0),
         "obs_features": _obs_features,
