@@ -4,6 +4,7 @@ from gymnasium.envs.registration import register, registry
 
 from .env import LROracle, NMFEnv
 from .problems import DEFAULT_PROBLEM, EVAL_SEEDS, FAMILIES, TRAIN_SEEDS, ProblemFamily, make_family
+from .suite import SUITE_ENV_ID, SUITES, SuiteEnv, load_suite
 from .task import RewardConfig, TaskConfig
 
 __version__ = "0.1.0"
@@ -35,16 +36,20 @@ def env_id(problem: str) -> str:
 
 def _register() -> None:
     """Register the ids (``gym.make("lrenv:lrenv/NMF-small-v0")`` and rl-zoo's ``--gym-packages lrenv`` import
-    this module). Idempotent: re-imports (spawned workers, reloads) register nothing twice."""
-    specs = {ENV_ID: ({}, max(FAMILY_BUDGETS.values()))}
-    specs.update({ENV_IDS[name]: ({"problem": name}, budget) for name, budget in FAMILY_BUDGETS.items()})
-    for id_, (kwargs, budget) in specs.items():
+    this module). Idempotent: re-imports (spawned workers, reloads) register nothing twice. The suite's id
+    (:class:`lrenv.SuiteEnv`, default suite ``generalist``) is bounded like the generic one: each entry
+    truncates itself at its own budget."""
+    largest = max(FAMILY_BUDGETS.values())
+    specs = {ENV_ID: ("lrenv.env:NMFEnv", {}, largest), SUITE_ENV_ID: ("lrenv.suite:SuiteEnv", {}, largest)}
+    specs.update({ENV_IDS[name]: ("lrenv.env:NMFEnv", {"problem": name}, budget)
+                  for name, budget in FAMILY_BUDGETS.items()})
+    for id_, (entry_point, kwargs, budget) in specs.items():
         if id_ not in registry:
-            register(id=id_, entry_point="lrenv.env:NMFEnv", kwargs=kwargs, max_episode_steps=budget)
+            register(id=id_, entry_point=entry_point, kwargs=kwargs, max_episode_steps=budget)
 
 
 _register()
 
-__all__ = ["NMFEnv", "LROracle", "TaskConfig", "RewardConfig", "ProblemFamily", "make_family", "FAMILIES",
+__all__ = ["NMFEnv", "SuiteEnv", "SUITES", "SUITE_ENV_ID", "load_suite", "LROracle", "TaskConfig", "RewardConfig", "ProblemFamily", "make_family", "FAMILIES",
            "DEFAULT_PROBLEM", "TRAIN_SEEDS", "EVAL_SEEDS", "ENV_ID", "ENV_IDS", "FAMILY_BUDGETS", "env_id",
            "SGDNMF", "LearnedLR", "pretrained"]

@@ -797,5 +797,9 @@ def make_family(problem: str | ProblemFamily = DEFAULT_PROBLEM, **params) -> Pro
         params = check_family_params(f"matrix file {os.fspath(problem)}", matrix_family, params,
                                      exclude=("path", "array", "name"))
         return matrix_family(problem, **params)
+    hint = (" A suite (suite, suite:NAME, a suite .yml) is a training environment (lrenv.SuiteEnv, lrenv train "
+            "--problem suite); evaluate its policy on one family at a time (--problem digits)."
+            if str(problem) == "suite" or str(problem).startswith("suite:")
+            or str(problem).lower().endswith((".yml", ".yaml")) else "")
     raise ValueError(f"unknown problem {problem!r}.{suggest(problem, FAMILIES)} "
-                     f"Known problems: {', '.join(FAMILIES)}, or a path to a .npy/.npz/.csv/.mtx file.")
+                     f"Known problems: {', '.join(FAMILIES)}, or a path to a .npy/.npz/.csv/.mtx file.{hint}")

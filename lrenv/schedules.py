@@ -409,14 +409,18 @@ TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskConfig))
 TASK_FIELDS_FROM_CONFIG = tuple(f for f in TASK_FIELDS if f != "budget")
 """The fields a policy imposes on the environment it is evaluated in. The budget is the evaluation's (every
 method of a table shares it), but a policy trained with another budget is refused (the epoch feature and
-the reward's remaining-epochs term depend on it): see :meth:`PolicySchedule.check_task`."""
+the reward's remaining-epochs term depend on it): see :meth:`PolicySchedule.check_task`. A policy trained on a
+suite (lrenv.suite) saw every entry's budget, so any budget is accepted for it."""
 
 
 class PolicySchedule(Schedule):
     """A trained stable-baselines3 model (optionally with VecNormalize statistics) as a schedule.
 
     ``task``: the TaskConfig (as a dict) the model was trained on, when known; evaluating it in an environment
-    that differs in any field is a ValueError naming the fields (checked at every :meth:`reset`)."""
+    that differs in any field is a ValueError naming the fields (checked at every :meth:`reset`), except the
+    budget of a policy trained on a suite (``env_config["problem"]`` a suite; :attr:`suite_trained`): its
+    episodes had each entry's budget, and the epoch feature is a fraction of it. The suite-only settings
+    (``problem``, ``exclude``) never reach the evaluation environment: it takes the TaskConfig fields only."""
 
     def __init__(self, model: Any, *, name: str = "policy", env_config: dict | None = None,
                  obs_rms: Any = None, clip_obs: float = 10.0, epsilon: float = 1e-8, source: str | None = None,
@@ -432,6 +436,9 @@ class PolicySchedule(Schedule):
                               if k in self.task_config and k != "action_mode"}
         self.action_mode = self.task_config.get("action_mode", "log_bound")
         self.obs_rms, self.clip_obs, self.epsilon = obs_rms, float(clip_obs), float(epsilon)
+        from .suite import is_suite
+        self.suite_trained = is_suite(self.env_config.get("problem"))
+        """Trained on a suite: evaluated with any budget (its budget is the suite's largest)."""
 
     def check_spaces(self, observation_space: Any, action_space: Any) -> None:
         """Raise ValueError unless the model's spaces match the environment's."""
@@ -445,7 +452,8 @@ class PolicySchedule(Schedule):
     def check_task(self, task: TaskConfig) -> None:
         """Raise ValueError naming every TaskConfig field in which ``task`` differs from the policy's."""
         from .policy_io import task_differences
-        diff = task_differences(self.task_config, task.to_dict())
+        trained = {k: v for k, v in self.task_config.items() if not (k == "budget" and self.suite_trained)}
+        diff = task_differences(trained, task.to_dict())
         if diff:
             hint = " (evaluate with --budget {})".format(self.task_config["budget"]) if any(
                 d.startswith("budget:") for d in diff) else ""

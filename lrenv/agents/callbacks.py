@@ -44,12 +44,13 @@ HELDOUT_METRICS = ("heldout/epochs_to_target", "heldout/success_rate", "heldout/
 # ----------------------------------------------------------------------------- metrics that count failures
 def episode_metrics(runs: list[dict], budget: int) -> dict[str, float]:
     """Metrics over finished episodes in which failures count: epochs to target with a failure (never
-    reached, or diverged) counted at the budget, success and divergence rates, and the geometric mean of
-    best loss / target (1 = reached; diverged runs count their best loss)."""
+    reached, or diverged) counted at the budget (a run's own ``"budget"`` where it has one: a suite's entries
+    differ), success and divergence rates, and the geometric mean of best loss / target (1 = reached; diverged
+    runs count their best loss)."""
     if not runs:
         return {}
     reached = np.array([bool(r["reached"]) for r in runs])
-    epochs = np.where(reached, [r["epochs"] for r in runs], budget).astype(float)
+    epochs = np.where(reached, [r["epochs"] for r in runs], [r.get("budget", budget) for r in runs]).astype(float)
     with np.errstate(all="ignore"):
         ratio = np.array([r["best_loss"] / r["target"] for r in runs], dtype=float)
     ratio = np.where(np.isfinite(ratio) & (ratio > 0), ratio, np.nan)
@@ -107,7 +108,8 @@ class EpisodeStatsCallback(BaseCallback):
             self._terms[i] += [info.get(k, 0.0) for k in EpisodeTracker.REWARD_TERMS]
             if done:
                 finished.append({"reached": info["reached_target"], "diverged": info["diverged"],
-                                 "epochs": info["epoch"], "best_loss": info["best_loss"], "target": info["target_loss"]})
+                                 "epochs": info["epoch"], "best_loss": info["best_loss"], "target": info["target_loss"],
+                                 "budget": info.get("budget", self.budget)})
                 for k, v in zip(EpisodeTracker.REWARD_TERMS, self._terms[i]):
                     self.logger.record_mean(f"episode/{k}", float(v))
                 self._terms[i] = 0.0
@@ -127,9 +129,11 @@ class EpisodeStatsCallback(BaseCallback):
 
 
 # ----------------------------------------------------------------------------- the held-out evaluation
-def rollout(env, seed: int, instance: int, policy: Callable[[np.ndarray], np.ndarray]) -> dict:
-    """One deterministic episode on a pinned instance: per-epoch loss, both factors' scale (lr / bound), return."""
-    obs, info = env.reset(seed=seed, options={"instance": instance})
+def rollout(env, seed: int, pin: dict, policy: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """One deterministic episode on a pinned instance (``pin``: the reset options, ``{"instance": seed}`` and for a
+    suite ``"entry"``): per-epoch loss, both factors' scale (lr / bound), return, the episode's budget."""
+    obs, info = env.reset(seed=seed, options=pin)
+    budget = info.get("budget", env.task.budget)
     loss, scale_W, scale_H, ret = [info["loss"]], [], [], 0.0
     while True:
         obs, reward, terminated, truncated, info = env.step(policy(obs))
@@ -142,14 +146,17 @@ def rollout(env, seed: int, instance: int, policy: Callable[[np.ndarray], np.nda
             break
     return {"loss": np.array(loss), "scale_W": np.array(scale_W), "scale_H": np.array(scale_H),
             "reached": info["reached_target"], "diverged": info["diverged"], "epochs": info["epoch"],
-            "target": info["target_loss"], "best_loss": info["best_loss"], "return": ret}
+            "target": info["target_loss"], "best_loss": info["best_loss"], "return": ret, "budget": budget}
 
 
 class HeldoutEvalCallback(BaseCallback):
     """Every ``freq`` vector steps: the deterministic policy on the held-out instances, scored with
     failures counted; fixed-scale baselines on the same instances once at the start, written as sub-runs
     with the same tags; the schedule figure, scale histograms and a results table. Saves
-    ``best_model.zip`` when the held-out epochs to target (failures at the budget) improve."""
+    ``best_model.zip`` when the held-out epochs to target (failures at the budget) improve.
+
+    ``env_kwargs`` may name a suite (lrenv.suite): held-out instance ``i`` then runs on entry ``i mod
+    entries``, so as many instances as entries cover each entry once; failures count at each entry's budget."""
 
     def __init__(self, env_kwargs: dict, instances: list[int], freq: int, run_dir: str | Path, seed: int = 0,
                  on_eval: Callable[[int, dict], None] | None = None,
@@ -164,18 +171,21 @@ class HeldoutEvalCallback(BaseCallback):
         self.last: dict[str, float] = {}
 
     def _env(self, **overrides):
-        from lrenv import NMFEnv
-        return NMFEnv(instances=self.instances, **dict(self.env_kwargs, **overrides))
+        from lrenv.suite import make_env
+        return make_env(instances=self.instances, **dict(self.env_kwargs, **overrides))
 
     def _on_training_start(self) -> None:
         self.env = self._env()
         self.budget = self.env.task.budget
+        entries = getattr(self.env, "entry_names", None)  # a suite: cycle through its entries
+        self.pins = [{"instance": inst, **({"entry": entries[i % len(entries)]} if entries else {})}
+                     for i, inst in enumerate(self.instances)]
         base_env = self._env(action_mode="log_bound", log_range=1.0, action_center=0.25)
         self.baselines: dict[str, list[dict]] = {}
         for c in BASELINE_SCALES:  # lr = c / L = (c/2) x 2/L
             action = base_env.task.action_for_scale(c / 2)
-            self.baselines[f"fixed c={c:g}"] = [rollout(base_env, self.seed + i, inst, lambda obs: action)
-                                                for i, inst in enumerate(self.instances)]
+            self.baselines[f"fixed c={c:g}"] = [rollout(base_env, self.seed + i, pin, lambda obs: action)
+                                                for i, pin in enumerate(self.pins)]
         self.baseline_metrics = {k: episode_metrics(v, self.budget) for k, v in self.baselines.items()}
         self.best_fixed = min(self.baseline_metrics, key=lambda k: (self.baseline_metrics[k]["epochs_to_target"],
                                                                      self.baseline_metrics[k]["final_loss_ratio"]))
@@ -200,7 +210,7 @@ class HeldoutEvalCallback(BaseCallback):
 
     def evaluate(self) -> dict[str, float]:
         step = self.num_timesteps
-        learned = [rollout(self.env, self.seed + i, inst, self._policy) for i, inst in enumerate(self.instances)]
+        learned = [rollout(self.env, self.seed + i, pin, self._policy) for i, pin in enumerate(self.pins)]
         m = episode_metrics(learned, self.budget)
         m["mean_return"] = float(np.mean([r["return"] for r in learned]))
         best = self.baseline_metrics[self.best_fixed]
@@ -245,8 +255,9 @@ class HeldoutEvalCallback(BaseCallback):
 
     def table(self, learned: dict[str, float]) -> str:
         rows = {"learned (this run)": learned, **self.baseline_metrics}
-        lines = [f"held-out instances {self.instances}, budget {self.budget}; failures count at the budget; best fixed: "
-                 f"{self.best_fixed}", "",
+        where = ", ".join(f"{p['instance']} ({p['entry']})" if "entry" in p else str(p["instance"]) for p in self.pins)
+        budget = "each entry's budget" if "entry" in self.pins[0] else f"the budget ({self.budget})"
+        lines = [f"held-out instances {where}; failures count at {budget}; best fixed: {self.best_fixed}", "",
                  "| method | epochs to target | success | diverged | final loss / target |", "|---|---|---|---|---|"]
         for name, r in rows.items():
             lines.append(f"| {name} | {r['epochs_to_target']:.1f} | {r['success_rate']:.2f} | {r['divergence_rate']:.2f}"

@@ -38,6 +38,7 @@ from lrenv.agents.checkpoints import (CHECKPOINT_DIR, NoUsableCheckpoint, SafeCh
 from lrenv.agents.validate import (PPO_SCHEMA, VEC_KINDS, parse_policy_kwargs, validate_config,
                                    validate_hyperparams)
 from lrenv.policy_io import save_policy
+from lrenv.suite import SUITE_ENV_ID, is_suite, load_suite, make_env, problem_label, suite_name
 
 HYPERPARAMS = Path(__file__).parent / "hyperparams" / "ppo.yml"
 TB_DIR = "tb_1"
@@ -48,7 +49,8 @@ class TrainConfig:
     """Everything a training run depends on; written to config.json beside its results."""
 
     problem: str = "small"
-    """Problem family name (see lrenv.problems) or a path to a matrix file."""
+    """Problem family name (see lrenv.problems), a path to a matrix file, or a suite (``suite``, ``suite:NAME``, a
+    suite ``.yml``; lrenv.suite): one policy for every entry of the suite, the entry drawn per episode."""
     problem_params: dict = field(default_factory=dict)
     """Family parameters (e.g. {'m': 200} for a smaller synthetic problem)."""
     exp: str = "ppo"
@@ -59,7 +61,9 @@ class TrainConfig:
     """Resolved PPO hyperparameters (rl-baselines3-zoo keys: n_envs, n_timesteps, policy, normalize, ...)."""
     vec: str = "batched"
     """Vector env: 'batched' (all envs stepped together by one engine: same trajectories as 'dummy', ~3x
-    faster on small problems), 'dummy' (one NMFEnv per env, in-process) or 'subproc' (one process per env)."""
+    faster on small problems), 'dummy' (one NMFEnv per env, in-process) or 'subproc' (one process per env).
+    A suite's entries differ in shape and one engine holds one shape, so for a suite 'batched' becomes 'dummy'
+    (its cheap families step in milliseconds; 'subproc' spreads the envs over cores)."""
     device: str = "cpu"
     """Torch device of the policy."""
     env_device: str = "cpu"
@@ -79,6 +83,10 @@ class TrainConfig:
     """Parent directory of run directories."""
     progress: bool = True
     """Show a progress bar."""
+
+    def __post_init__(self):
+        if self.vec == "batched" and is_suite(self.problem):
+            self.vec = "dummy"
 
     @property
     def env_kwargs(self) -> dict:
@@ -105,9 +113,13 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def hyperparams_key(problem: str, table: dict, path: str | Path = HYPERPARAMS) -> str:
     """The entry of an rl-zoo hyperparameter file for ``problem``: its gymnasium id (``small`` ->
-    ``lrenv/NMF-small-v0``; a matrix file -> the generic ``lrenv/NMF-v0``), else the bare family name
-    (files keyed by family before the ids existed; ``matrix`` for matrix files)."""
+    ``lrenv/NMF-small-v0``; a matrix file -> the generic ``lrenv/NMF-v0``; a suite -> ``lrenv/NMF-suite-v0``),
+    else the bare family name (files keyed by family before the ids existed; ``matrix`` for matrix files)."""
     from lrenv import ENV_ID, ENV_IDS
+    if is_suite(problem):
+        if SUITE_ENV_ID in table:
+            return SUITE_ENV_ID
+        raise ValueError(f"no hyperparameters for the suite {problem!r} in {path} (looked for {SUITE_ENV_ID!r})")
     is_file = bool(os.path.splitext(problem)[1])
     for key in (ENV_IDS.get(problem, ENV_ID if is_file else None), problem, "matrix" if is_file else None):
         if key is not None and key in table:
@@ -122,7 +134,7 @@ def run_name(problem: str, exp: str, seed: int, when: float | None = None) -> st
     """``{problem}__{exp}__{seed}__{YYYYmmdd-HHMMSS}``: the one run-naming scheme (``lrenv evaluate`` names its
     directories ``{problem}__eval__{seed}__{stamp}``), sortable by time and readable at a glance."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
-    return f"{Path(problem).stem or 'problem'}__{exp}__{seed}__{stamp}"
+    return f"{problem_label(problem)}__{exp}__{seed}__{stamp}"
 
 
 def load_hyperparams(problem: str, overrides: list[str] | None = None, path: str | Path = HYPERPARAMS) -> dict:
@@ -160,8 +172,7 @@ def _policy_kwargs(value) -> dict:
 # ----------------------------------------------------------------------------- environments
 def make_env_fn(env_kwargs: dict, instances="train"):
     def make():
-        from lrenv import NMFEnv
-        return NMFEnv(instances=instances, **env_kwargs)
+        return make_env(instances=instances, **env_kwargs)
     return make
 
 
@@ -254,6 +265,8 @@ def write_config(cfg: TrainConfig, run_dir: Path, extra: dict | None = None) -> 
     import stable_baselines3
     from lrenv import __version__
     doc = {"train": dataclasses.asdict(cfg), "env": cfg.env_kwargs,
+           **({"suite": load_suite(suite_name(cfg.problem), cfg.env_kwargs.get("exclude")).to_dict()}
+              if is_suite(cfg.problem) else {}),
            "versions": {"lrenv": __version__, "torch": torch.__version__, "stable_baselines3": stable_baselines3.__version__,
                         "gymnasium": gymnasium.__version__, "python": sys.version.split()[0]}}
     doc.update(extra or {})
@@ -375,8 +388,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, extra_callbacks=()
         raise
 
     every = lambda steps: max(steps // n_envs, 1)  # noqa: E731  (callbacks count vector steps)
-    from lrenv import NMFEnv
-    budget = NMFEnv(**cfg.env_kwargs).task.budget  # (no engine is built: cheap)
+    budget = make_env(**cfg.env_kwargs).task.budget  # (no engine is built: cheap; a suite's: its largest)
     callbacks = [
         SafeCheckpointCallback(cfg.checkpoint_freq, run_dir / CHECKPOINT_DIR, task=task, env=env, start=done),
         EpisodeStatsCallback(budget),
@@ -414,13 +426,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY:VALUE",
                    help="hyperparameter overrides in rl-zoo style, e.g. n_timesteps:50000 learning_rate:1e-3 "
                         "env_kwargs.action_mode:paper (may come before or after the options)")
-    p.add_argument("--problem", default="small", help="problem family name or path to a matrix file")
+    p.add_argument("--problem", default="small", help="problem family name, path to a matrix file, or a suite for "
+                   "one policy across families and sizes: suite (= suite:generalist), suite:NAME (built-in: "
+                   "generalist, sizes-small) or a suite .yml; leave entries out with env_kwargs.exclude:[digits]")
     p.add_argument("--problem-param", action="append", metavar="KEY=VALUE", help="family parameter (repeatable)")
     p.add_argument("--exp", default="ppo", help="experiment name (part of the run directory name: letters, digits, "
                    "'._+-')")
     p.add_argument("--seed", type=int, default=0, help="random seed (>= 0)")
     p.add_argument("--hyperparams", default=str(HYPERPARAMS), help="YAML file of hyperparameters per family")
-    p.add_argument("--vec", choices=VEC_KINDS, default="batched", help="vector env implementation")
+    p.add_argument("--vec", choices=VEC_KINDS, default="batched",
+                   help="vector env implementation (a suite runs 'batched' as 'dummy': its entries differ in shape)")
     p.add_argument("--device", default="cpu", help="torch device of the policy (cpu, cuda, cuda:N, mps, auto)")
     p.add_argument("--env-device", default="cpu", help="torch device of the environments (batched env: cuda)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the policy (PPO) in this process")
@@ -520,7 +535,12 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     print(f"saved {run_dir / 'model.zip'}; view the curves with: tensorboard --logdir {cfg.runs_dir}")
-    print(f"evaluate it against the baselines with: lrenv evaluate --problem {cfg.problem} --model {run_dir}")
+    if is_suite(cfg.problem):
+        suite = load_suite(suite_name(cfg.problem), cfg.env_kwargs.get("exclude"))
+        print(f"evaluate it on each family against the baselines with: lrenv evaluate --problem F --model {run_dir} "
+              f"(F: {', '.join(suite.problems)}{', or a family the suite left out' if suite.excluded else ''})")
+    else:
+        print(f"evaluate it against the baselines with: lrenv evaluate --problem {cfg.problem} --model {run_dir}")
     return 0
 
 

@@ -184,6 +184,14 @@ def _obs_features(key: str, v: Any) -> None:
         one_of(*OBS_FEATURES)(f"{key}[{i}]", f)
 
 
+def _names(key: str, v: Any) -> None:
+    """A name or a list of names (a suite's ``exclude``)."""
+    if isinstance(v, str):
+        return
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v):
+        _fail(key, v, "must be a name or a list of names, e.g. [digits]")
+
+
 def _env_schema() -> dict[str, Check]:
     from lrenv.task import ACTION_MODES, LR_REFERENCES
     return {
@@ -205,11 +213,13 @@ def _env_schema() -> dict[str, Check]:
         "target_loss": optional(real(0.0)),
         "obs_clip": real(0.0),
         "slope_smoothing": real(0.0, 1.0, lo_open=False, hi_open=True),
+        "exclude": _names,  # suites only (checked in validate_config)
     }
 
 
-RESERVED_ENV_KEYS = ("problem", "problem_params", "instances", "device", "threads")
-"""NMFEnv keywords that a run sets from its own options (--problem, --env-device...), not from env_kwargs."""
+RESERVED_ENV_KEYS = ("problem", "problem_params", "instances", "device", "threads", "suite")
+"""NMFEnv (and SuiteEnv) keywords that a run sets from its own options (--problem, --problem suite:NAME,
+--env-device...), not from env_kwargs."""
 
 
 def _check_mapping(key: str, mapping: dict, schema: dict[str, Check]) -> None:
@@ -305,3 +315,11 @@ def validate_config(cfg: Any) -> None:
     check_device("--env-device", cfg.env_device)
     if not isinstance(cfg.problem_params, dict):
         _fail("--problem-param", cfg.problem_params, "must be key=value pairs")
+    from lrenv.suite import is_suite
+    if is_suite(cfg.problem):
+        if cfg.problem_params:
+            _fail("--problem-param", cfg.problem_params, "applies to one family; a suite's entries carry their own "
+                  "problem_params (write a suite .yml)")
+    elif cfg.hyperparams.get("env_kwargs", {}).get("exclude"):
+        _fail("env_kwargs.exclude", cfg.hyperparams["env_kwargs"]["exclude"],
+              f"applies to a suite (--problem suite, suite:NAME or a suite .yml), not to {cfg.problem!r}")
