@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from lrenv import ENV_ID, ENV_IDS
+from lrenv import ENV_ID, ENV_IDS, SUITE_ENV_ID
 from lrenv.agents.callbacks import ProgressCallback, episode_metrics, flatten
 from lrenv.agents.train import HYPERPARAMS, hyperparams_key, load_hyperparams, run_name
 from lrenv.metrics import Trace
@@ -29,6 +29,9 @@ def test_failures_count_at_the_budget_and_never_give_nan():
     # an improving agent (more successes, sooner) lowers the metric; the old successes-only mean rose
     better = episode_metrics([dict(runs[0], epochs=80)] * 2 + [runs[1]], budget=200)
     assert better["epochs_to_target"] < m["epochs_to_target"]
+    # a suite's runs carry their own budget: a failure counts at its entry's budget
+    mixed = episode_metrics([runs[0], dict(runs[1], budget=500), dict(runs[2], budget=30)], budget=200)
+    assert mixed["epochs_to_target"] == pytest.approx((50 + 500 + 30) / 3)
 
 
 def test_flatten_keeps_every_hyperparameter():
@@ -66,13 +69,19 @@ def test_one_run_name_scheme_for_train_and_evaluate():
     assert re.match(pattern, run_name("small", "ppo", 3))
     assert re.match(pattern, os.path.basename(default_out_dir("small", 3)))
     assert run_name("data/x.npy", "ppo", 0).startswith("x__ppo__0__")
+    assert run_name("suite", "ppo", 0).startswith("suite-generalist__ppo__0__")
+    assert run_name("suite:sizes-small", "ppo", 0).startswith("suite-sizes-small__ppo__0__")
+    assert run_name("cfg/my.yml", "ppo", 0).startswith("suite-my__ppo__0__")
 
 
 def test_hyperparams_file_is_keyed_by_env_id_and_family_names_still_work(tmp_path):
     table = yaml.safe_load(HYPERPARAMS.read_text())
-    assert set(table) == {*ENV_IDS.values(), ENV_ID}
+    assert set(table) == {*ENV_IDS.values(), ENV_ID, SUITE_ENV_ID}
     assert hyperparams_key("small", table) == "lrenv/NMF-small-v0"
     assert hyperparams_key("data.npy", table) == ENV_ID
+    assert hyperparams_key("suite", table) == hyperparams_key("my_suite.yml", table) == SUITE_ENV_ID
+    with pytest.raises(ValueError, match="looked for 'lrenv/NMF-suite-v0'"):
+        hyperparams_key("suite:generalist", {ENV_ID: {}})
     assert load_hyperparams("paper")["env_kwargs"]["action_mode"] == "paper"
     legacy = tmp_path / "old.yml"
     legacy.write_text("small: {n_envs: 2, n_timesteps: 100}\nmatrix: {n_envs: 3, n_timesteps: 100}\n")
