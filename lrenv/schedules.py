@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .env import LROracle
+from .suite import is_suite
 from .task import TaskConfig
 
 LOG_RANGE = 3.0
@@ -436,7 +437,6 @@ class PolicySchedule(Schedule):
                               if k in self.task_config and k != "action_mode"}
         self.action_mode = self.task_config.get("action_mode", "log_bound")
         self.obs_rms, self.clip_obs, self.epsilon = obs_rms, float(clip_obs), float(epsilon)
-        from .suite import is_suite
         self.suite_trained = is_suite(self.env_config.get("problem"))
         """Trained on a suite: evaluated with any budget (its budget is the suite's largest)."""
 
