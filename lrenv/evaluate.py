@@ -52,7 +52,7 @@ from .schedules import (Armijo, BarzilaiBorwein, CosineDecay, FixedLR, FixedScal
 from .batch_eval import group_key, run_batched
 from .metrics import (RESULT_COLUMNS, Trace, auc_log_loss, epochs_to_target,  # noqa: F401 (re-exported)
                       trace_from_infos, trace_metrics)
-from .solvers import SolverUnavailable, applicability, run_solver
+from .solvers import TORCH_OPTIMIZERS, SolverUnavailable, applicability, run_solver, run_solvers
 
 DEFAULT_SCALES = (0.2, 0.5, 1.0, 1.1, 1.3, 1.6, 1.9)
 """Fixed ``c`` of ``lr = c / L`` evaluated by ``fixed-scale`` (``c = 1`` is the mean of random-bound)."""
@@ -505,6 +505,12 @@ def _evaluate(methods: Iterable[Method] | str, problem: str, problem_params: dic
             continue
         name = method_name(m)
         env = NMFEnv(**schedule_env_kwargs(m, env_kwargs)) if isinstance(m, Schedule) else probe
+        if batched and isinstance(m, str) and m in TORCH_OPTIMIZERS:  # batched gradients, one optimizer per run
+            bar.set_postfix_str(name)
+            traces[name] = run_solvers(m, env_kwargs, range(seeds), seed=seed, env=env,
+                                       options=(solver_options or {}).get(m), split=split)
+            bar.update(seeds)
+            continue
         for i in range(seeds):
             bar.set_postfix_str(name)
             if isinstance(m, Schedule):
