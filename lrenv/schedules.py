@@ -47,8 +47,10 @@ class Schedule:
     action_mode: str = "log_bound"
     env_overrides: dict[str, Any] = {}
     batchable: bool = False
-    """True when the decision needs only the observation, the epoch and the schedule's own generator, so that
-    many runs can share one batched engine (:mod:`lrenv.batch_eval`); False for rules that query the iterate."""
+    """True when the decision needs only the observation, the epoch, the schedule's own generator and what its
+    :class:`lrenv.env.LROracle` answers, so that many runs can share one batched engine (each slot has its own
+    oracle; :mod:`lrenv.batch_eval`). False (the default, for schedules written elsewhere) runs every instance
+    in its own environment."""
 
     def __init__(self) -> None:
         self.extra_loss_evals = 0
@@ -263,7 +265,7 @@ class Armijo(ScaleSchedule):
     """
 
     name = "armijo"
-    batchable = False  # one line search per instance, on that instance's iterate
+    batchable = True  # one line search per run, on its slot's iterate (LROracle.trial)
 
     def __init__(self, c: float = 0.5, shrink: float = 0.5, alpha_max: float = 1.0, max_trials: int = 30):
         super().__init__()
@@ -315,6 +317,7 @@ class Polyak(Schedule):
 
     name = "polyak"
     action_mode = "paper"
+    batchable = True
 
     def __init__(self, f_star: float | str = "level", lr_max: float = 1e6, *, margin: float = 0.5,
                  up: float = 1.5, down: float = 0.5, cap: float | None = 0.55):
@@ -379,6 +382,7 @@ class BarzilaiBorwein(Schedule):
 
     name = "bb"
     action_mode = "paper"
+    batchable = True
 
     def __init__(self, fallback: float = 0.5, lr_max: float = 1e6):
         super().__init__()
