@@ -13,7 +13,9 @@ A schedule can share an engine when it is ``batchable``: its decision needs the 
 its own generator and at most what :class:`lrenv.env.LROracle` answers for its slot (fixed, random,
 cosine, two-phase, the line searches Armijo, Polyak and Barzilai-Borwein, trained policies; a recurrent
 policy keeps per-run state and is not). Runs must also share their environment settings (action mode and
-overrides): see :func:`group_key`.
+overrides) and whether they use the gradient: see :func:`group_key`. Schedules that use neither the
+observation's gradient norm nor the oracle's gradient (fixed, random, cosine, two-phase) run in an environment
+whose statistics skip the gradient (``BatchedNMFVecEnv.gradient_stats``; the trajectories are the same).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ slot than 16)."""
 
 
 def group_key(schedule: Schedule) -> str:
-    """Runs with equal keys can share one batched environment (same action mode and env overrides)."""
-    return json.dumps([schedule.action_mode, schedule.env_overrides], sort_keys=True, default=str)
+    """Runs with equal keys share one batched environment: same action mode and env overrides, and all or none of
+    them use the gradient (``Schedule.needs_gradient``; an environment without is cheaper)."""
+    return json.dumps([schedule.action_mode, schedule.env_overrides, schedule.needs_gradient], sort_keys=True,
+                      default=str)
 
 
 def run_batched(schedules: Sequence[Schedule], instances: Sequence[int], env_kwargs: dict, *, seed: int = 0,
@@ -68,6 +72,7 @@ def _run_pool(schedules: Sequence[Schedule], instances: list[int], env_kwargs: d
 
     venv = BatchedNMFVecEnv(num_envs=B, **schedule_env_kwargs(schedules[0], env_kwargs))
     venv.autoreset = False  # a finished run's slot stays put until it gets the next run
+    venv.gradient_stats = schedules[0].needs_gradient
     # per-run copies of stateful schedules; policies are shared and queried for all their slots at once
     seen: set[int] = set()
     runs: list[Schedule] = []

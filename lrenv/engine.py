@@ -452,7 +452,7 @@ class SGDEngine:
                      pick(self.heldout_count))
 
     @_with_threads
-    def evaluate(self, index=None, *, episode_start: bool | None = None) -> torch.Tensor:
+    def evaluate(self, index=None, *, episode_start: bool | None = None, gradient: bool = True) -> torch.Tensor:
         """(B, NUM_STATS) statistics at the current iterate; also stores the full gradients.
 
         ``index`` (a sequence of slots) evaluates only those slots and returns (len(index), NUM_STATS)
@@ -462,7 +462,8 @@ class SGDEngine:
 
         The gradient norm is the norm of the *projected* gradient for non-negative families
         (components at the bound whose gradient points outwards are dropped), so it vanishes at a
-        constrained stationary point.
+        constrained stationary point. ``gradient=False`` skips the gradient (a third of the work): its norm
+        is NaN and the stored gradients are left as they are.
         """
         cfg = self.cfg
         idx, (V, W, H, weight, heldout, heldout_count) = self._slots(index)
@@ -470,6 +471,20 @@ class SGDEngine:
         D = self._residual(W, H, V)
         R = self._weighted(D, weight)
         fit, loss = self._fit_and_loss(W, H, R)
+        gnorm = self._gradient(W, H, Wf, R, idx) if gradient else torch.full_like(loss, float("nan"))
+        L_W, L_H = self._bounds(Wf, H, weight, idx, idx is not None if episode_start is None else episode_start)
+        if heldout is None:
+            held = torch.full_like(loss, float("nan"))
+        else:
+            held = _sqnorm(D * self._flat(heldout)) / heldout_count
+        noise = self.grad_noise if idx is None else self.grad_noise[idx]
+        return torch.stack([loss, gnorm, L_W, L_H, held, fit, noise], dim=1)
+
+    def _gradient(self, W: torch.Tensor, H: torch.Tensor, Wf: torch.Tensor, R: torch.Tensor,
+                  idx: torch.Tensor | None) -> torch.Tensor:
+        """Store the full gradients of the slots ``idx`` (all when None) at ``W, H`` (weighted residual ``R``);
+        returns the norm of the (projected) gradient."""
+        cfg = self.cfg
         gW = _times_transpose(R, H).reshape(W.shape)
         gH = torch.bmm(Wf.transpose(1, 2), R)
         if cfg.reg:
@@ -488,14 +503,7 @@ class SGDEngine:
             pgH = torch.where(H > 0, gH, gH.clamp(max=0))
         else:
             pgW, pgH = gW, gH
-        gnorm = (_sqnorm(pgW) + _sqnorm(pgH)).sqrt()
-        L_W, L_H = self._bounds(Wf, H, weight, idx, idx is not None if episode_start is None else episode_start)
-        if heldout is None:
-            held = torch.full_like(loss, float("nan"))
-        else:
-            held = _sqnorm(D * self._flat(heldout)) / heldout_count
-        noise = self.grad_noise if idx is None else self.grad_noise[idx]
-        return torch.stack([loss, gnorm, L_W, L_H, held, fit, noise], dim=1)
+        return (_sqnorm(pgW) + _sqnorm(pgH)).sqrt()
 
     @_with_threads
     def loss(self) -> torch.Tensor:

@@ -51,6 +51,9 @@ class Schedule:
     :class:`lrenv.env.LROracle` answers, so that many runs can share one batched engine (each slot has its own
     oracle; :mod:`lrenv.batch_eval`). False (the default, for schedules written elsewhere) runs every instance
     in its own environment."""
+    needs_gradient: bool = True
+    """False when the decision uses neither the observation's ``grad_norm`` feature nor the oracle's gradient (nor
+    its trial steps): the batched evaluation then skips the gradient in the environment's statistics."""
 
     def __init__(self) -> None:
         self.extra_loss_evals = 0
@@ -95,6 +98,7 @@ class ScaleSchedule(Schedule):
     action_mode = "log_bound"
     env_overrides = _BOUND_ENV
     batchable = True
+    needs_gradient = False
 
     def _action(self, obs: np.ndarray) -> np.ndarray:
         return self.task.action_for_scale(self.scale())
@@ -120,6 +124,7 @@ class FixedLR(Schedule):
 
     action_mode = "paper"
     batchable = True
+    needs_gradient = False
 
     def __init__(self, lr: float):
         super().__init__()
@@ -158,6 +163,7 @@ class FixedScalePair(Schedule):
     action_mode = "per_factor"
     env_overrides = _BOUND_ENV
     batchable = True
+    needs_gradient = False
 
     def __init__(self, c_W: float, c_H: float):
         super().__init__()
@@ -266,6 +272,7 @@ class Armijo(ScaleSchedule):
 
     name = "armijo"
     batchable = True  # one line search per run, on its slot's iterate (LROracle.trial)
+    needs_gradient = True
 
     def __init__(self, c: float = 0.5, shrink: float = 0.5, alpha_max: float = 1.0, max_trials: int = 30):
         super().__init__()

@@ -118,6 +118,9 @@ class BatchedNMFVecEnv(VecEnv):
         """False: a finished slot stays frozen (no step, no new episode) instead of starting the next one; for
         evaluation, where a reset would draw a problem nobody records."""
         self._frozen = np.zeros(B, dtype=bool)
+        self.gradient_stats = True
+        """False: statistics without the gradient (a third of their cost; its norm reads NaN in observations and
+        infos, and LROracle has no gradient), for evaluating schedules that use neither (:mod:`lrenv.batch_eval`)."""
 
     # -------------------------------------------------------------- slots
     def _reset_slots(self, slots: Sequence[int], seeds: Sequence[int | None] | None = None,
@@ -150,7 +153,8 @@ class BatchedNMFVecEnv(VecEnv):
         return infos
 
     def _stats(self, slots=None, episode_start: bool | None = None) -> np.ndarray:
-        return self.engine.evaluate(slots, episode_start=episode_start).double().cpu().numpy()
+        return self.engine.evaluate(slots, episode_start=episode_start,
+                                    gradient=self.gradient_stats).double().cpu().numpy()
 
     # -------------------------------------------------------------- VecEnv API
     def reset(self) -> VecEnvObs:

@@ -48,17 +48,21 @@ def test_runs_refill_slots_and_frozen_slots_keep_cached_masked_bounds():
     """More runs than slots on a masked family (cached bounds): every slot takes the next run when its own ends, and
     the slots still running when others are frozen keep the single env's bounds."""
     kw = {"problem": "sales", "problem_params": dict(products=300, stores=100), "budget": 30}
-    methods = resolve_methods("fixed-c=0.5,fixed-c=3,cosine,armijo")
-    runs = [m for m in methods for _ in range(3)]
-    instances = [1_000_000 + i for i in range(3)] * len(methods)
-    batched = run_batched(runs, instances, kw, max_batch=5)
-    for m, tr in zip(runs, batched):
-        ref = run_schedule(m, kw, tr.instance - 1_000_000)
-        assert (tr.method, tr.diverged, tr.reached_target, len(tr.loss)) == (ref.method, ref.diverged,
-                                                                          ref.reached_target, len(ref.loss))
-        np.testing.assert_allclose(tr.loss, ref.loss, rtol=1e-5)
-        np.testing.assert_allclose(tr.bound_W, ref.bound_W, rtol=1e-5)
-    assert len({len(t.loss) for t in batched}) > 1  # runs of different lengths: slots were refilled
+    lengths = set()
+    for methods, max_batch in (("fixed-c=0.5,fixed-c=3,cosine,random-walk", 5), ("armijo", 2)):
+        methods = resolve_methods(methods)  # (the gradient-free schedules share an env without gradient statistics)
+        runs = [m for m in methods for _ in range(3)]
+        instances = [1_000_000 + i for i in range(3)] * len(methods)
+        batched = run_batched(runs, instances, kw, max_batch=max_batch)
+        for m, tr in zip(runs, batched):
+            ref = run_schedule(m, kw, tr.instance - 1_000_000)
+            assert (tr.method, tr.diverged, tr.reached_target, len(tr.loss)) == (ref.method, ref.diverged,
+                                                                              ref.reached_target, len(ref.loss))
+            np.testing.assert_allclose(tr.loss, ref.loss, rtol=1e-5)
+            np.testing.assert_allclose(tr.bound_W, ref.bound_W, rtol=1e-5)
+            assert tr.extra_loss_evals == ref.extra_loss_evals
+            lengths.add(len(tr.loss))
+    assert len(lengths) > 1  # runs of different lengths: slots were refilled while others ran
 
 
 def test_batched_torch_optimizers_match_one_at_a_time():
