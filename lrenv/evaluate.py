@@ -573,18 +573,19 @@ def write_outputs(result: EvalResult, *, tensorboard: bool = True) -> None:
                                                    "notes": result.notes})
     _atomic_write(os.path.join(out, "summary.md"), result.markdown)
     write_json(os.path.join(out, "config.json"), result.config)
-    for name, fig in evaluation_figures(result.traces).items():
-        save_figure(fig, os.path.join(out, f"{name}.png"))
+    images = {name: save_figure(fig, os.path.join(out, f"{name}.png"))
+              for name, fig in evaluation_figures(result.traces).items()}
     if tensorboard:
-        write_tensorboard(result, os.path.join(out, "tb"))
+        write_tensorboard(result, os.path.join(out, "tb"), images=images)
 
 
-def write_tensorboard(result: EvalResult, tb_dir: str) -> None:
+def write_tensorboard(result: EvalResult, tb_dir: str, images: dict[str, np.ndarray] | None = None) -> None:
     """TensorBoard logs of an evaluation: one sub-run per method (``tb/<method>``) with shared tags, so a
     chart overlays every method: ``curve/log10_loss_over_target`` (median over seeds, per epoch; 0 = target),
     ``curve/scale_W`` and ``curve/scale_H`` (step / bound); each sub-run's HParams row holds the method and
     its metrics (failures counted at the budget), sortable in the HParams tab; the results table and the
-    config as text, the figures as images (top-level run)."""
+    config as text, the figures as images (top-level run; ``images``: the figures already drawn, (height, width,
+    3) uint8 by name, else they are drawn here)."""
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 
@@ -592,8 +593,12 @@ def write_tensorboard(result: EvalResult, tb_dir: str) -> None:
     top = SummaryWriter(tb_dir)
     top.add_text("results", result.markdown, 0)
     top.add_text("config", "```\n" + json.dumps(_clean(result.config), indent=2, default=_json_default) + "\n```", 0)
-    for name, fig in evaluation_figures(result.traces).items():
-        top.add_figure(name, fig, 0, close=True)
+    if images is None:
+        for name, fig in evaluation_figures(result.traces).items():
+            top.add_figure(name, fig, 0, close=True)
+    else:
+        for name, image in images.items():
+            top.add_image(name, image, 0, dataformats="HWC")
     top.close()
     for method, traces in result.traces.items():
         tag = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in method)
