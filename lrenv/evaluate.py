@@ -441,7 +441,9 @@ def evaluate(methods: Iterable[Method] | str = "all", problem: str = DEFAULT_PRO
     ``summary.json``, ``summary.md``, ``config.json``, ``loss_curves.png``, ``lr_history.png`` and
     TensorBoard logs in ``tb/``. ``threads``: torch CPU threads during the evaluation (default 1:
     these problems are too small to gain from more, and spinning threads on a busy machine cost
-    10-1000x; None keeps torch's setting).
+    10-1000x; None keeps torch's setting). ``batched`` (default): the batchable schedules step all their runs
+    together (:func:`lrenv.batch_eval.run_batched`) and the torch optimizers run all instances together
+    (:func:`lrenv.solvers.run_solvers`); ``False`` runs every instance on its own. Same results either way.
     """
     _validate(seeds, budget, grid, split)
     methods, tuned_options = expand_tuned(methods, problem, tuned)
@@ -675,8 +677,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--one-at-a-time", action="store_true",
-                   help="run every instance in its own environment (default: schedules that need only the observation "
-                        "step all their runs together in one batched engine; same numbers, several times faster)")
+                   help="run every instance in its own environment (default: the schedules, line searches and policies "
+                        "step all their runs together in batched engines, and the torch optimizers run all instances "
+                        "together with one optimizer each; same numbers, faster)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
 
 

@@ -13,7 +13,9 @@ loss reaches the instance's target or diverges.
   published defaults: ``prodigy`` (prodigyopt), ``dadapt-sgd`` / ``dadapt-adam`` (dadaptation),
   ``schedulefree-sgd`` (schedulefree; its loss is evaluated at the averaged iterate, ``eval()`` mode),
   ``dog`` / ``ldog`` (dog-optimizer). A missing package makes :func:`applicability` give a one-line
-  reason, so the harness skips the method with a note.
+  reason, so the harness skips the method with a note. :func:`run_solvers` runs the instances of an evaluation
+  together: their minibatch gradients in batched products, one optimizer object per instance (so the optimizers'
+  global statistics stay per instance); the same trajectories as one at a time.
 - ``hals`` / ``als-masked``: :func:`lrenv.reference.hals` (non-negative families without
   regularisation, masked or not) and :func:`lrenv.reference.masked_als` (alternating non-negative --
   or, for signed families, plain -- least squares over the observed entries; the reference for
