@@ -31,8 +31,9 @@ inequality gives, for every row at once and with ``d = ||H - H0||_F >= ||(H - H0
 ``(sqrt(L0) - d)^2 <= L_W <= (sqrt(L0) + d)^2`` (same for ``L_H`` with ``W``). :meth:`SGDEngine.evaluate`
 reports the upper end and recomputes the exact constant of an instance's block when the interval is wider
 than ``1 + EngineConfig.bound_tol`` (upper / lower), after :meth:`SGDEngine.load`, and for the slots passed
-to ``evaluate(index=...)`` (episode starts). The reported constant is therefore always valid (>= exact, so
-``2/L`` stays safe), within ``1 + bound_tol`` of it, and exact right after a recomputation. (The plain
+to ``evaluate(index=...)`` (episode starts, unless ``episode_start=False``). The reported constant is therefore
+always valid (>= exact, so ``2/L`` stays safe), within ``1 + bound_tol`` of it, and exact right after a
+recomputation. (The plain
 ``||H H^T||_2`` also bounds ``L_W``, but with half the entries observed (``sales``) it is ~1.4x the masked
 constant, never below the cached bound for any ``bound_tol`` < 0.4, so it is not computed.)
 
@@ -326,11 +327,12 @@ class SGDEngine:
 
     # ------------------------------------------------------------------ one epoch
     @_with_threads
-    def epoch(self, lr: torch.Tensor, order: torch.Tensor | np.ndarray) -> None:
-        """One SGD epoch on every instance.
+    def epoch(self, lr: torch.Tensor, order: torch.Tensor | np.ndarray, index=None) -> None:
+        """One SGD epoch on every instance, or on the slots listed in ``index`` (the others stay as they are).
 
         ``lr``: (B, 2) step sizes for W and H. ``order``: (B, K) minibatch visiting order; a numpy
-        array when ``B == 1`` (the blocks are then views updated in place, no gather).
+        array when ``B == 1`` (the blocks are then views updated in place, no gather). With ``index``,
+        both have one row per listed slot.
 
         With ``cfg.track_noise`` the epoch also measures its gradient noise: the W-step of a minibatch is the
         exact block gradient, so the noise is in the H-step's estimates ``g_k = K * gH_k``; with their mean
@@ -343,15 +345,21 @@ class SGDEngine:
         lr_W = lr[:, 0].reshape(-1, 1, 1)
         lr_H = lr[:, 1].reshape(-1, 1, 1) * K  # K: the H gradient estimate is K * (minibatch gradient)
         single = self.B == 1
-        H = self.H
+        if single and index is not None and list(np.asarray(index).reshape(-1)) != [0]:
+            raise ValueError(f"epoch: a one-instance engine has only slot 0, got index {index!r}")
+        slots = None if single or index is None else torch.as_tensor(np.asarray(index), dtype=torch.long,
+                                                                     device=self.V.device)
+        H = self.H if slots is None else self.H.index_select(0, slots)
+        gens = self._noise_gen if slots is None else [self._noise_gen[int(i)] for i in slots]
         if not single:  # gather/scatter blocks through flat (B*K, b, .) views: index_select is cheap
-            flat_idx = (torch.as_tensor(order, device=self.V.device) + self._arange[:, None] * K).long()
+            first = self._arange if slots is None else slots
+            flat_idx = (torch.as_tensor(order, device=self.V.device) + first[:, None] * K).long()
             Vflat = self.V.view(self.B * K, *self.V.shape[2:])
             Wflat = self.W.view(self.B * K, *self.W.shape[2:])
             wflat = None if self.weight is None else self.weight.view(self.B * K, *self.weight.shape[2:])
         track = cfg.track_noise
         if track:
-            g_sum, g_sq = torch.zeros_like(H), torch.zeros(self.B, dtype=H.dtype, device=H.device)
+            g_sum, g_sq = torch.zeros_like(H), torch.zeros(H.shape[0], dtype=H.dtype, device=H.device)
         for k in range(K):
             if single:
                 blk = int(order[0, k])
@@ -371,8 +379,8 @@ class SGDEngine:
                 gW.add_(Wk * self.free_W, alpha=cfg.reg)
                 gH.add_(H * self.free_H, alpha=cfg.reg / K)
             if cfg.grad_noise > 0:
-                gW = self._add_noise(gW, wk)
-                gH = self._add_noise(gH, None)
+                gW = self._add_noise(gW, wk, gens)
+                gH = self._add_noise(gH, None, gens)
             if self.has_fixed:
                 gW.mul_(self.free_W)
                 gH.mul_(self.free_H)
@@ -386,14 +394,21 @@ class SGDEngine:
                 H.clamp_(min=0)
             if not single:
                 Wflat.index_copy_(0, idx, Wk)
+        if slots is not None:
+            self.H.index_copy_(0, slots, H)
         if track:
             mean_sq = _sqnorm(g_sum)
-            self.grad_noise = ((K * g_sq - mean_sq) / mean_sq.clamp(min=torch.finfo(H.dtype).tiny)).clamp(min=0.0)
+            noise = ((K * g_sq - mean_sq) / mean_sq.clamp(min=torch.finfo(H.dtype).tiny)).clamp(min=0.0)
+            if slots is None:
+                self.grad_noise = noise
+            else:
+                self.grad_noise[slots] = noise
 
-    def _add_noise(self, g: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
+    def _add_noise(self, g: torch.Tensor, row_weight: torch.Tensor | None,
+                   gens: list[torch.Generator | None]) -> torch.Tensor:
         rms = (_sqnorm(g) / g[0].numel()).sqrt().reshape(-1, 1, 1)
         noise = torch.stack([torch.randn(g.shape[1:], generator=gen, device=g.device, dtype=g.dtype)
-                             for gen in self._noise_gen])
+                             for gen in gens])
         if row_weight is not None and row_weight.shape[-1] == 1:
             noise.mul_(row_weight)  # padding rows stay at zero
         return g.add_(noise.mul_(rms).mul_(self.cfg.grad_noise))
@@ -437,15 +452,18 @@ class SGDEngine:
                      pick(self.heldout_count))
 
     @_with_threads
-    def evaluate(self, index=None) -> torch.Tensor:
+    def evaluate(self, index=None, *, episode_start: bool | None = None, gradient: bool = True) -> torch.Tensor:
         """(B, NUM_STATS) statistics at the current iterate; also stores the full gradients.
 
         ``index`` (a sequence of slots) evaluates only those slots and returns (len(index), NUM_STATS)
-        rows in that order; the stored gradients of the other slots are left as they are.
+        rows in that order; the stored gradients of the other slots are left as they are. The listed slots
+        are taken to start episodes (exact masked bounds) unless ``episode_start=False`` (the slots that
+        go on while others are frozen: the cached bounds, as if every slot were evaluated).
 
         The gradient norm is the norm of the *projected* gradient for non-negative families
         (components at the bound whose gradient points outwards are dropped), so it vanishes at a
-        constrained stationary point.
+        constrained stationary point. ``gradient=False`` skips the gradient (a third of the work): its norm
+        is NaN and the stored gradients are left as they are.
         """
         cfg = self.cfg
         idx, (V, W, H, weight, heldout, heldout_count) = self._slots(index)
@@ -453,6 +471,20 @@ class SGDEngine:
         D = self._residual(W, H, V)
         R = self._weighted(D, weight)
         fit, loss = self._fit_and_loss(W, H, R)
+        gnorm = self._gradient(W, H, Wf, R, idx) if gradient else torch.full_like(loss, float("nan"))
+        L_W, L_H = self._bounds(Wf, H, weight, idx, idx is not None if episode_start is None else episode_start)
+        if heldout is None:
+            held = torch.full_like(loss, float("nan"))
+        else:
+            held = _sqnorm(D * self._flat(heldout)) / heldout_count
+        noise = self.grad_noise if idx is None else self.grad_noise[idx]
+        return torch.stack([loss, gnorm, L_W, L_H, held, fit, noise], dim=1)
+
+    def _gradient(self, W: torch.Tensor, H: torch.Tensor, Wf: torch.Tensor, R: torch.Tensor,
+                  idx: torch.Tensor | None) -> torch.Tensor:
+        """Store the full gradients of the slots ``idx`` (all when None) at ``W, H`` (weighted residual ``R``);
+        returns the norm of the (projected) gradient."""
+        cfg = self.cfg
         gW = _times_transpose(R, H).reshape(W.shape)
         gH = torch.bmm(Wf.transpose(1, 2), R)
         if cfg.reg:
@@ -471,14 +503,7 @@ class SGDEngine:
             pgH = torch.where(H > 0, gH, gH.clamp(max=0))
         else:
             pgW, pgH = gW, gH
-        gnorm = (_sqnorm(pgW) + _sqnorm(pgH)).sqrt()
-        L_W, L_H = self._bounds(Wf, H, weight, idx)
-        if heldout is None:
-            held = torch.full_like(loss, float("nan"))
-        else:
-            held = _sqnorm(D * self._flat(heldout)) / heldout_count
-        noise = self.grad_noise if idx is None else self.grad_noise[idx]
-        return torch.stack([loss, gnorm, L_W, L_H, held, fit, noise], dim=1)
+        return (_sqnorm(pgW) + _sqnorm(pgH)).sqrt()
 
     @_with_threads
     def loss(self) -> torch.Tensor:
@@ -526,33 +551,33 @@ class SGDEngine:
         return _packed_gram_max(torch.bmm(P, M).transpose(1, 2), self._unpack, self._pair_weight)
 
     def _bounds(self, Wf: torch.Tensor, H: torch.Tensor, weight: torch.Tensor | None,
-                idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                idx: torch.Tensor | None, start: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The constants :meth:`evaluate` reports: exact for unmasked families; for masked ones the upper bound
         of the module docstring from each block's last exact constant, with the exact constant recomputed for
         every block whose bound may be more than ``bound_tol`` loose, that was not computed since load(), or
-        whose slot is listed in ``idx`` (episode starts). ``Wf``, ``H``, ``weight`` hold the slots of ``idx``
-        (all slots when None). The distances use Frobenius norms (>= the spectral norm, so still valid): two
-        reductions and scalar arithmetic on the host per evaluation, no eigensolver."""
+        whose slot starts an episode (``start``: every slot of ``idx``). ``Wf``, ``H``, ``weight`` hold the
+        slots of ``idx`` (all slots when None). The distances use Frobenius norms (>= the spectral norm, so
+        still valid): two reductions and scalar arithmetic on the host per evaluation, no eigensolver."""
         cfg = self.cfg
         if not cfg.masked or cfg.bound_tol == 0:
             return self._lipschitz(Wf, H, weight)
         Wm, Hm = (Wf * self.free_W, H * self.free_H) if self.has_fixed else (Wf, H)
-        if idx is not None:  # episode starts: exact for every listed slot
-            slots = idx.cpu().numpy()
+        slots = np.arange(self.B) if idx is None else idx.cpu().numpy()
+        if start:  # episode starts: exact for every listed slot
             upper = np.zeros((len(slots), 2))
             need = np.ones((len(slots), 2), dtype=bool)
         else:
-            slots = np.arange(self.B)
-            dH, dW = H - self._ref_H, Wf - self._flat(self._ref_W)
+            ref_H, ref_W = (self._ref_H, self._ref_W) if idx is None else (self._ref_H[idx], self._ref_W[idx])
+            dH, dW = H - ref_H, Wf - self._flat(ref_W)
             if self.has_fixed:
                 dW, dH = dW * self.free_W, dH * self.free_H
             # ||H - H0|| bounds the W block's change, ||W - W0|| the H block's; float64 host arithmetic from here
             dist = np.sqrt(torch.stack([_sqnorm(dH), _sqnorm(dW)], dim=1).double().cpu().numpy())
-            root = np.sqrt(self._L0)
+            root = np.sqrt(self._L0[slots])
             with np.errstate(invalid="ignore"):
                 upper = np.square(root + dist)
                 loose = ~(upper <= (1.0 + cfg.bound_tol) * np.square(np.maximum(root - dist, 0.0)))  # NaN: loose
-            need = loose | ~self._bound_fresh
+            need = loose | ~self._bound_fresh[slots]
         M = self._flat(weight)
         for side in (0, 1):
             rows = np.flatnonzero(need[:, side])
@@ -579,20 +604,23 @@ class SGDEngine:
         return self._plus_reg(L[:, 0], L[:, 1])
 
     @_with_threads
-    def trial_loss(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def trial_loss(self, lr: torch.Tensor, index=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss after a full-batch projected gradient step with step sizes ``lr`` (B, 2), not committed.
 
         Returns ``(loss, decrease)`` where ``decrease = <grad, x - x_new>`` is the first-order decrease
         the Armijo condition compares against (``lr * ||grad||^2`` when no projection is active).
-        Uses the gradients stored by the last :meth:`evaluate`.
+        Uses the gradients stored by the last :meth:`evaluate`. ``index`` (a sequence of slots): only those
+        slots, ``lr`` then has one row per listed slot.
         """
+        idx, (V, W0, H0, weight, _, _) = self._slots(index)
+        gW, gH = (self.gW, self.gH) if idx is None else (self.gW[idx], self.gH[idx])
         lr_W = lr[:, 0].reshape(-1, 1, 1, 1)
         lr_H = lr[:, 1].reshape(-1, 1, 1)
-        W = self.W - lr_W * self.gW
-        H = self.H - lr_H * self.gH
+        W = W0 - lr_W * gW
+        H = H0 - lr_H * gH
         if self.cfg.nonneg:
             W.clamp_(min=0)
             H.clamp_(min=0)
-        R = self._weighted(self._residual(W, H))
-        decrease = (self.gW * (self.W - W)).sum(dim=(1, 2, 3)) + (self.gH * (self.H - H)).sum(dim=(1, 2))
+        R = self._weighted(self._residual(W, H, V), weight)
+        decrease = (gW * (W0 - W)).sum(dim=(1, 2, 3)) + (gH * (H0 - H)).sum(dim=(1, 2))
         return self._loss(W, H, R), decrease

@@ -333,35 +333,38 @@ def render_curves(history: np.ndarray, budget: int, title: str = "") -> np.ndarr
 class LROracle:
     """What a schedule may ask of the environment it controls, without reaching into private state.
 
-    All values refer to the current iterate (the start of the next epoch).
+    All values refer to the current iterate (the start of the next epoch). ``env`` is an :class:`NMFEnv`
+    or a :class:`lrenv.vec_env.BatchedNMFVecEnv`, whose slot ``slot`` the oracle then speaks for (same
+    answers as a single env on that slot's instance, up to the rounding of batched products).
     """
 
-    def __init__(self, env: NMFEnv):
+    def __init__(self, env: Any, slot: int = 0):
         self._env = env
+        self._slot = int(slot)
 
     @property
     def task(self) -> TaskConfig:
         return self._env.task
 
     def loss(self) -> float:
-        return float(self._env.tracker.stats[0, STAT_LOSS])
+        return float(self._env.tracker.stats[self._slot, STAT_LOSS])
 
     def grad_norm(self) -> float:
-        return float(self._env.tracker.stats[0, STAT_GRAD_NORM])
+        return float(self._env.tracker.stats[self._slot, STAT_GRAD_NORM])
 
     def bounds(self) -> np.ndarray:
         """(2/L_W, 2/L_H): the per-factor step-size bounds."""
-        return 2.0 / self._env.tracker.lipschitz()[0]
+        return 2.0 / self._env.tracker.lipschitz()[self._slot]
 
     def lr_for(self, action) -> np.ndarray:
         """The step sizes (lr_W, lr_H) that ``action`` would apply now."""
-        return self._env.tracker.actions_to_lr(np.asarray(action).reshape(1, -1))[0][0]
+        return self._env.tracker.actions_to_lr(np.asarray(action).reshape(1, -1), slots=[self._slot])[0][0]
 
     def params_and_grad(self) -> tuple[np.ndarray, np.ndarray]:
         """The current parameters (W, H) and full gradient, each flattened to one float64 vector."""
-        e = self._env.engine
-        x = torch.cat([e.W.reshape(-1), e.H.reshape(-1)]).double().cpu().numpy()
-        g = torch.cat([e.gW.reshape(-1), e.gH.reshape(-1)]).double().cpu().numpy()
+        e, i = self._env.engine, self._slot
+        x = torch.cat([e.W[i].reshape(-1), e.H[i].reshape(-1)]).double().cpu().numpy()
+        g = torch.cat([e.gW[i].reshape(-1), e.gH[i].reshape(-1)]).double().cpu().numpy()
         return x, g
 
     def trial(self, action) -> tuple[float, float]:
@@ -369,5 +372,5 @@ class LROracle:
         and the first-order decrease ``<grad, x - x_new>`` (Armijo's right-hand side without c)."""
         e = self._env.engine
         lr = torch.as_tensor(self.lr_for(action)[None], dtype=e.cfg.dtype, device=e.cfg.device)
-        loss, dec = e.trial_loss(lr)
+        loss, dec = e.trial_loss(lr, index=None if e.B == 1 else [self._slot])
         return float(loss[0]), float(dec[0])

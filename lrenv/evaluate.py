@@ -52,7 +52,7 @@ from .schedules import (Armijo, BarzilaiBorwein, CosineDecay, FixedLR, FixedScal
 from .batch_eval import group_key, run_batched
 from .metrics import (RESULT_COLUMNS, Trace, auc_log_loss, epochs_to_target,  # noqa: F401 (re-exported)
                       trace_from_infos, trace_metrics)
-from .solvers import SolverUnavailable, applicability, run_solver
+from .solvers import TORCH_OPTIMIZERS, SolverUnavailable, applicability, run_solver, run_solvers
 
 DEFAULT_SCALES = (0.2, 0.5, 1.0, 1.1, 1.3, 1.6, 1.9)
 """Fixed ``c`` of ``lr = c / L`` evaluated by ``fixed-scale`` (``c = 1`` is the mean of random-bound)."""
@@ -441,7 +441,9 @@ def evaluate(methods: Iterable[Method] | str = "all", problem: str = DEFAULT_PRO
     ``summary.json``, ``summary.md``, ``config.json``, ``loss_curves.png``, ``lr_history.png`` and
     TensorBoard logs in ``tb/``. ``threads``: torch CPU threads during the evaluation (default 1:
     these problems are too small to gain from more, and spinning threads on a busy machine cost
-    10-1000x; None keeps torch's setting).
+    10-1000x; None keeps torch's setting). ``batched`` (default): the batchable schedules step all their runs
+    together (:func:`lrenv.batch_eval.run_batched`) and the torch optimizers run all instances together
+    (:func:`lrenv.solvers.run_solvers`); ``False`` runs every instance on its own. Same results either way.
     """
     _validate(seeds, budget, grid, split)
     methods, tuned_options = expand_tuned(methods, problem, tuned)
@@ -505,6 +507,12 @@ def _evaluate(methods: Iterable[Method] | str, problem: str, problem_params: dic
             continue
         name = method_name(m)
         env = NMFEnv(**schedule_env_kwargs(m, env_kwargs)) if isinstance(m, Schedule) else probe
+        if batched and isinstance(m, str) and m in TORCH_OPTIMIZERS:  # batched gradients, one optimizer per run
+            bar.set_postfix_str(name)
+            traces[name] = run_solvers(m, env_kwargs, range(seeds), seed=seed, env=env,
+                                       options=(solver_options or {}).get(m), split=split)
+            bar.update(seeds)
+            continue
         for i in range(seeds):
             bar.set_postfix_str(name)
             if isinstance(m, Schedule):
@@ -567,18 +575,19 @@ def write_outputs(result: EvalResult, *, tensorboard: bool = True) -> None:
                                                    "notes": result.notes})
     _atomic_write(os.path.join(out, "summary.md"), result.markdown)
     write_json(os.path.join(out, "config.json"), result.config)
-    for name, fig in evaluation_figures(result.traces).items():
-        save_figure(fig, os.path.join(out, f"{name}.png"))
+    images = {name: save_figure(fig, os.path.join(out, f"{name}.png"))
+              for name, fig in evaluation_figures(result.traces).items()}
     if tensorboard:
-        write_tensorboard(result, os.path.join(out, "tb"))
+        write_tensorboard(result, os.path.join(out, "tb"), images=images)
 
 
-def write_tensorboard(result: EvalResult, tb_dir: str) -> None:
+def write_tensorboard(result: EvalResult, tb_dir: str, images: dict[str, np.ndarray] | None = None) -> None:
     """TensorBoard logs of an evaluation: one sub-run per method (``tb/<method>``) with shared tags, so a
     chart overlays every method: ``curve/log10_loss_over_target`` (median over seeds, per epoch; 0 = target),
     ``curve/scale_W`` and ``curve/scale_H`` (step / bound); each sub-run's HParams row holds the method and
     its metrics (failures counted at the budget), sortable in the HParams tab; the results table and the
-    config as text, the figures as images (top-level run)."""
+    config as text, the figures as images (top-level run; ``images``: the figures already drawn, (height, width,
+    3) uint8 by name, else they are drawn here)."""
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 
@@ -586,8 +595,12 @@ def write_tensorboard(result: EvalResult, tb_dir: str) -> None:
     top = SummaryWriter(tb_dir)
     top.add_text("results", result.markdown, 0)
     top.add_text("config", "```\n" + json.dumps(_clean(result.config), indent=2, default=_json_default) + "\n```", 0)
-    for name, fig in evaluation_figures(result.traces).items():
-        top.add_figure(name, fig, 0, close=True)
+    if images is None:
+        for name, fig in evaluation_figures(result.traces).items():
+            top.add_figure(name, fig, 0, close=True)
+    else:
+        for name, image in images.items():
+            top.add_image(name, image, 0, dataformats="HWC")
     top.close()
     for method, traces in result.traces.items():
         tag = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in method)
@@ -664,8 +677,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--one-at-a-time", action="store_true",
-                   help="run every instance in its own environment (default: schedules that need only the observation "
-                        "step all their runs together in one batched engine; same numbers, several times faster)")
+                   help="run every instance in its own environment (default: the schedules, line searches and policies "
+                        "step all their runs together in batched engines, and the torch optimizers run all instances "
+                        "together with one optimizer each; same numbers, faster)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
 
 

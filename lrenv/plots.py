@@ -242,9 +242,12 @@ def evaluation_figures(traces: dict[str, list]) -> dict[str, Figure]:
     return {"loss_curves": loss_figure(traces), "lr_history": lr_figure(traces), "loss_curves_all": sweep_figure(traces)}
 
 
-def save_figure(fig: Figure, path: str) -> None:
-    """Save atomically (temp file + rename) and close the figure."""
+def save_figure(fig: Figure, path: str) -> np.ndarray:
+    """Save atomically (temp file + rename) and close the figure; returns the image written, (height, width, 3)
+    uint8, so that TensorBoard can log it without drawing the figure again (a figure's layout is the slow part)."""
     tmp = f"{path}.tmp.png"
     fig.savefig(tmp, dpi=120)
+    image = (plt.imread(tmp)[:, :, :3] * 255).round().astype(np.uint8)
     os.replace(tmp, path)
     plt.close(fig)
+    return image

@@ -48,8 +48,13 @@ class Schedule:
     action_mode: str = "log_bound"
     env_overrides: dict[str, Any] = {}
     batchable: bool = False
-    """True when the decision needs only the observation, the epoch and the schedule's own generator, so that
-    many runs can share one batched engine (:mod:`lrenv.batch_eval`); False for rules that query the iterate."""
+    """True when the decision needs only the observation, the epoch, the schedule's own generator and what its
+    :class:`lrenv.env.LROracle` answers, so that many runs can share one batched engine (each slot has its own
+    oracle; :mod:`lrenv.batch_eval`). False (the default, for schedules written elsewhere) runs every instance
+    in its own environment."""
+    needs_gradient: bool = True
+    """False when the decision uses neither the observation's ``grad_norm`` feature nor the oracle's gradient (nor
+    its trial steps): the batched evaluation then skips the gradient in the environment's statistics."""
 
     def __init__(self) -> None:
         self.extra_loss_evals = 0
@@ -94,6 +99,7 @@ class ScaleSchedule(Schedule):
     action_mode = "log_bound"
     env_overrides = _BOUND_ENV
     batchable = True
+    needs_gradient = False
 
     def _action(self, obs: np.ndarray) -> np.ndarray:
         return self.task.action_for_scale(self.scale())
@@ -119,6 +125,7 @@ class FixedLR(Schedule):
 
     action_mode = "paper"
     batchable = True
+    needs_gradient = False
 
     def __init__(self, lr: float):
         super().__init__()
@@ -157,6 +164,7 @@ class FixedScalePair(Schedule):
     action_mode = "per_factor"
     env_overrides = _BOUND_ENV
     batchable = True
+    needs_gradient = False
 
     def __init__(self, c_W: float, c_H: float):
         super().__init__()
@@ -264,7 +272,8 @@ class Armijo(ScaleSchedule):
     """
 
     name = "armijo"
-    batchable = False  # one line search per instance, on that instance's iterate
+    batchable = True  # one line search per run, on its slot's iterate (LROracle.trial)
+    needs_gradient = True
 
     def __init__(self, c: float = 0.5, shrink: float = 0.5, alpha_max: float = 1.0, max_trials: int = 30):
         super().__init__()
@@ -316,6 +325,7 @@ class Polyak(Schedule):
 
     name = "polyak"
     action_mode = "paper"
+    batchable = True
 
     def __init__(self, f_star: float | str = "level", lr_max: float = 1e6, *, margin: float = 0.5,
                  up: float = 1.5, down: float = 0.5, cap: float | None = 0.55):
@@ -380,6 +390,7 @@ class BarzilaiBorwein(Schedule):
 
     name = "bb"
     action_mode = "paper"
+    batchable = True
 
     def __init__(self, fallback: float = 0.5, lr_max: float = 1e6):
         super().__init__()

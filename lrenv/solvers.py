@@ -13,7 +13,9 @@ loss reaches the instance's target or diverges.
   published defaults: ``prodigy`` (prodigyopt), ``dadapt-sgd`` / ``dadapt-adam`` (dadaptation),
   ``schedulefree-sgd`` (schedulefree; its loss is evaluated at the averaged iterate, ``eval()`` mode),
   ``dog`` / ``ldog`` (dog-optimizer). A missing package makes :func:`applicability` give a one-line
-  reason, so the harness skips the method with a note.
+  reason, so the harness skips the method with a note. :func:`run_solvers` runs the instances of an evaluation
+  together: their minibatch gradients in batched products, one optimizer object per instance (so the optimizers'
+  global statistics stay per instance); the same trajectories as one at a time.
 - ``hals`` / ``als-masked``: :func:`lrenv.reference.hals` (non-negative families without
   regularisation, masked or not) and :func:`lrenv.reference.masked_als` (alternating non-negative --
   or, for signed families, plain -- least squares over the observed entries; the reference for
@@ -35,11 +37,13 @@ import importlib.util
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from .batch_eval import MAX_BATCH
+from .engine import _sqnorm
 from .env import NMFEnv
 from .metrics import Trace
 from .problems import reset_seed, split_seeds
@@ -222,12 +226,13 @@ class _Recorder:
         """Start the clock (after one-off costs such as imports and optimizer construction)."""
         self.t0 = time.perf_counter()
 
-    def record(self, f: float, lr: float = float("nan"), fit: float | None = None) -> bool:
-        """Add an epoch (loss ``f``; ``fit``, the loss less its regularisation, when it differs); True when
-        the run should stop."""
+    def record(self, f: float, lr: float = float("nan"), fit: float | None = None, wall: float | None = None) -> bool:
+        """Add an epoch (loss ``f``; ``fit``, the loss less its regularisation, when it differs; ``wall``, the
+        seconds since :meth:`start` when not the clock's, e.g. a batch's time shared among its runs); True
+        when the run should stop."""
         self.loss.append(f)
         self.fit.append(f if fit is None else fit)
-        self.wall.append(time.perf_counter() - self.t0)
+        self.wall.append(time.perf_counter() - self.t0 if wall is None else wall)
         self.lr.append(lr)
         self.diverged = not np.isfinite(f) or f > self.div * self.prob.f0
         curve = self.fit if self.prob.target_metric == "fit" else self.loss
@@ -258,81 +263,155 @@ def _effective_lr(opt: torch.optim.Optimizer) -> float:
     return float(g.get("scheduled_lr", g["lr"]))
 
 
-def _torch_opt(prob: _Problem, rec: _Recorder, rng: np.random.Generator, name: str,
-               **options: Any) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Run optimizer ``name`` of :data:`TORCH_OPTIMIZERS` on the engine's minibatches.
+def _torch_opt(probs: list[_Problem], recs: list[_Recorder], rngs: list[np.random.Generator], name: str,
+               **options: Any) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+    """Run optimizer ``name`` of :data:`TORCH_OPTIMIZERS` on the engine's minibatches, for ``B = len(probs)``
+    instances of one shape together; returns ``(W, H, notes)`` per instance. One instance is ``B = 1``.
 
-    Each epoch visits the engine's row minibatches in a fresh random order; a minibatch's loss is
-    ``K`` times its share (an unbiased estimate of the full loss, the engine's convention), pinned
-    components get no gradient, and non-negative families are projected after every step. Schedule-
-    free optimizers (``train()``/``eval()``) are projected on both of their sequences and scored at
-    the averaged iterate. Adam (only) reduces its lr on plateaus of the epoch loss (``patience``,
-    ``factor``); other ``options`` go to the optimizer's constructor.
+    Each epoch visits the instance's row minibatches (the engine's partition) in a fresh random order from its
+    own generator ``rngs[b]``; a minibatch's loss is ``K`` times its share (an unbiased estimate of the full
+    loss, the engine's convention), so its gradient is ``K (M o R) H^T`` for the minibatch rows of ``W`` and
+    ``K W_I^T (M o R)`` for ``H`` (``R = W_I H - V_I``), plus ``reg`` times the free components of all of
+    ``W`` and ``H``, computed analytically for all instances in batched products; pinned components get no
+    gradient, and non-negative families are projected after every step. The factors of all instances are
+    stacked, ``(B, m, r)`` and ``(B, r, n)``; every instance has **its own optimizer object** over views of
+    them (in-place updates write through; ``.grad`` is a view of the batched gradient), so optimizers with
+    global statistics (Prodigy, D-Adaptation, DoG, schedule-free) stay per instance and exact. Schedule-
+    free optimizers (``train()``/``eval()``) are projected on both of their sequences and scored at the
+    averaged iterate. Adam (only) reduces its lr on plateaus of the epoch loss (``patience``, ``factor``),
+    per instance; other ``options`` go to the optimizer's constructor. An instance that stops (target,
+    divergence, budget) is recorded and frozen; the others go on. Wall times are the batch's, shared
+    among the instances still running (amortised).
     """
     dt = torch.float64
-    W = torch.tensor(prob.W0, dtype=dt, requires_grad=True)
-    H = torch.tensor(prob.H0, dtype=dt, requires_grad=True)
-    V = torch.tensor(prob.V, dtype=dt)
-    M = None if prob.M is None else torch.tensor(prob.M, dtype=dt)
-    fW = torch.tensor(prob.free_W, dtype=dt)
-    fH = torch.tensor(prob.free_H, dtype=dt)[:, None]
-    o = dict(options)
-    plateau_kw = {"patience": o.pop("patience", 5), "factor": o.pop("factor", 0.5)} if name == "adam" else None
-    opt, notes = TORCH_OPTIMIZERS[name].make(W, H, prob, o)
-    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", **plateau_kw)
-               if plateau_kw is not None else None)
-    schedule_free = callable(getattr(opt, "eval", None)) and callable(getattr(opt, "train", None))
+    B = len(probs)
+    stack = lambda arrays: torch.tensor(np.stack(arrays), dtype=dt)  # noqa: E731
+    W = stack([p.W0 for p in probs])
+    H = stack([p.H0 for p in probs])
+    V = stack([p.V for p in probs])
+    M = None if probs[0].M is None else stack([p.M for p in probs])
+    fW = stack([p.free_W for p in probs])[:, None, :]
+    fH = stack([p.free_H for p in probs])[:, :, None]
+    pinned = not (bool((fW == 1).all()) and bool((fH == 1).all()))
+    reg = probs[0].reg
+    Wv, Hv = [W[b] for b in range(B)], [H[b] for b in range(B)]  # the optimizers' parameters: views
+    opts, notes, plateaus = [], [], []
+    for b in range(B):
+        o = dict(options)
+        plateau_kw = {"patience": o.pop("patience", 5), "factor": o.pop("factor", 0.5)} if name == "adam" else None
+        opt, note = TORCH_OPTIMIZERS[name].make(Wv[b], Hv[b], probs[b], o)
+        opts.append(opt)
+        notes.append(note)
+        plateaus.append(torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", **plateau_kw)
+                        if plateau_kw is not None else None)
+    schedule_free = callable(getattr(opts[0], "eval", None)) and callable(getattr(opts[0], "train", None))
     if schedule_free:
-        opt.train()
-    K = prob.num_blocks
-    rows = prob.row_index
-    blocks = [torch.as_tensor(b[b >= 0]) for b in rows.reshape(K, -1)]  # the engine's minibatches
-    blocks = [b for b in blocks if len(b)]
+        for opt in opts:
+            opt.train()
+    blocks = _minibatches(probs)  # (B, K, b) row indices, padding rows marked -1
+    K, b_rows = blocks.shape[1:]
+    rows = blocks.clamp(min=0).reshape(B * K, b_rows)
+    # the data of every minibatch as one contiguous (B * K, b, n) block: a minibatch is an index_select away
+    flat_rows = rows.reshape(B, K * b_rows)
+    take = lambda t: t.gather(1, flat_rows[..., None].expand(-1, -1, t.shape[2])).reshape(B * K, b_rows, -1)  # noqa: E731
+    V_blocks = take(V)
+    weight = None if M is None else take(M)  # the mask, times the padding rows' zero weight
+    if bool((blocks < 0).any()):
+        pad = (blocks >= 0).reshape(B * K, b_rows, 1).to(dt)
+        weight = pad if weight is None else weight * pad
 
-    def project() -> None:
-        with torch.no_grad():
-            if not schedule_free:
-                W.clamp_(min=0)
-                H.clamp_(min=0)
-                return
-            # y = (1 - beta) z + beta x is stored in the parameters: project x and z, rebuild y
+    def project(active: list[int]) -> None:
+        if not schedule_free:
+            W.clamp_(min=0)  # every slot: a frozen one is no longer read
+            H.clamp_(min=0)
+            return
+        for b in active:  # y = (1 - beta) z + beta x is stored in the parameters: project x and z, rebuild y
+            opt = opts[b]
             opt.eval()
-            for p in (W, H):
+            for p in (Wv[b], Hv[b]):
                 p.clamp_(min=0)
                 if "z" in opt.state[p]:
                     opt.state[p]["z"].clamp_(min=0)
             opt.train()
 
-    rec.start()
-    while True:
-        lr_now = _effective_lr(opt)
-        for k in rng.permutation(len(blocks)):
-            idx = blocks[k]
-            opt.zero_grad()
-            R = W[idx] @ H - V[idx]
-            if M is not None:
-                R = R * M[idx]
-            # K * minibatch loss: an unbiased estimate of the full loss (same convention as the engine)
-            f = 0.5 * len(blocks) * (R * R).sum()
-            if prob.reg:
-                f = f + 0.5 * prob.reg * (((W * fW) ** 2).sum() + ((H * fH) ** 2).sum())
-            f.backward()
-            with torch.no_grad():
-                W.grad.mul_(fW)
-                H.grad.mul_(fH)
-            opt.step()
-            if prob.nonneg:
-                project()
+    results: list[tuple[np.ndarray, np.ndarray, dict] | None] = [None] * B
+    active = list(range(B))
+    wall = np.zeros(B)  # amortised seconds per instance
+    t_last = time.perf_counter()
+    while active:
+        lr_now = [_effective_lr(opts[b]) for b in active]
+        order = torch.as_tensor(np.stack([rngs[b].permutation(K) for b in active]))
+        at = torch.as_tensor(active)
+        every = len(active) == B
+        pick = (lambda t: t) if every else (lambda t: t.index_select(0, at))  # noqa: E731
+        for t in range(K):
+            blk = order[:, t] + at * K  # each active instance's minibatch, as a row of the (B * K) blocks
+            idx = rows.index_select(0, blk)  # (A, b): its rows of W
+            Wa, Ha = pick(W), pick(H)
+            WI = Wa.gather(1, idx[..., None].expand(-1, -1, Wa.shape[2]))
+            R = V_blocks.index_select(0, blk).baddbmm_(WI, Ha, beta=-1)  # W_I H - V_I (a private copy)
+            if weight is not None:
+                R.mul_(weight.index_select(0, blk))
+            R.mul_(K)  # K * minibatch loss: an unbiased estimate of the full loss (the engine's convention)
+            gWI = torch.bmm(R, Ha.transpose(1, 2))
+            gH = torch.bmm(WI.transpose(1, 2), R)
+            gW = reg * Wa * pick(fW) * pick(fW) if reg else torch.zeros_like(Wa)
+            gW.scatter_add_(1, idx[..., None].expand_as(gWI), gWI)  # padding rows add exact zeros
+            if reg:
+                gH.add_(reg * Ha * pick(fH) * pick(fH))
+            if pinned:
+                gW.mul_(pick(fW))
+                gH.mul_(pick(fH))
+            for i, b in enumerate(active):
+                Wv[b].grad, Hv[b].grad = gW[i], gH[i]
+                opts[b].step()
+            if probs[0].nonneg:
+                project(active)
         if schedule_free:
-            opt.eval()  # score the averaged iterate x
-        Wn, Hn = W.detach().numpy().copy(), H.detach().numpy().copy()
+            for b in active:
+                opts[b].eval()  # score the averaged iterate x
+        Wa, Ha = pick(W).clone(), pick(H).clone()
+        fit, loss = _fit_and_loss(Wa, Ha, pick(V), None if M is None else pick(M), reg, pick(fW), pick(fH))
         if schedule_free:
-            opt.train()
-        loss = prob.loss(Wn, Hn)
-        if rec.record(loss, lr_now, prob.fit(Wn, Hn) if prob.reg else None):
-            return Wn, Hn, notes
-        if plateau is not None:
-            plateau.step(loss)
+            for b in active:
+                opts[b].train()
+        now = time.perf_counter()
+        wall[active] += (now - t_last) / len(active)
+        t_last = now
+        still = []
+        for i, b in enumerate(active):
+            f = float(loss[i])
+            if recs[b].record(f, lr_now[i], float(fit[i]) if reg else None, wall=float(wall[b])):
+                results[b] = (Wa[i].numpy().copy(), Ha[i].numpy().copy(), notes[b])
+            else:
+                if plateaus[b] is not None:
+                    plateaus[b].step(f)
+                still.append(b)
+        active = still
+    return results  # type: ignore[return-value]
+
+
+def _minibatches(probs: list[_Problem]) -> torch.Tensor:
+    """(B, K, b) row indices of each instance's minibatches (the engine's partition of its layout rows;
+    padding rows -1). The padding rows sit at the end of the layout, so every instance has the same
+    minibatch sizes; blocks that hold only padding are dropped."""
+    K = probs[0].num_blocks
+    rows = np.stack([p.row_index for p in probs]).reshape(len(probs), K, -1)
+    keep = (rows >= 0).any(axis=(0, 2))
+    return torch.as_tensor(np.ascontiguousarray(rows[:, keep]))
+
+
+def _fit_and_loss(W: torch.Tensor, H: torch.Tensor, V: torch.Tensor, M: torch.Tensor | None, reg: float,
+                  fW: torch.Tensor, fH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per instance the data term ``1/2 ||M o (W H - V)||^2`` and the loss (plus ``reg/2`` times the squared
+    free components): :meth:`_Problem.fit` and :meth:`_Problem.loss` for a stack of instances."""
+    D = torch.baddbmm(V, W, H, beta=-1)
+    if M is not None:
+        D.mul_(M)
+    fit = 0.5 * _sqnorm(D)
+    if not reg:
+        return fit, fit
+    return fit, fit + 0.5 * reg * (_sqnorm(W * fW) + _sqnorm(H * fH))
 
 
 # ----------------------------------------------------------------------------- HALS and masked ALS
@@ -468,24 +547,45 @@ def run_solver(name: str, env_kwargs: dict, seed_index: int, *, seed: int = 0, o
     """Run solver ``name`` on instance ``split_seeds(split)[seed_index]`` from the same initial point as
     :func:`lrenv.evaluate.run_schedule` with the same ``seed``. Raises :class:`SolverUnavailable`
     when the solver does not apply to the family."""
+    return run_solvers(name, env_kwargs, [seed_index], seed=seed, options=options, env=env, split=split)[0]
+
+
+def run_solvers(name: str, env_kwargs: dict, seed_indices: Sequence[int], *, seed: int = 0,
+                options: dict | None = None, env: NMFEnv | None = None, split: str = "test",
+                max_batch: int = MAX_BATCH) -> list[Trace]:
+    """:func:`run_solver` on every instance of ``seed_indices``, one :class:`Trace` each, in order. The torch
+    optimizers run up to ``max_batch`` instances together (:func:`_torch_opt`: batched gradients, one optimizer
+    per instance; the same trajectories as one at a time up to the rounding of batched products, and wall
+    times shared among the instances of a batch); the other solvers run one instance at a time."""
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose from {SOLVERS}")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be a positive number of instances, got {max_batch!r}")
     env = env or NMFEnv(**{"instances": split, **env_kwargs})
     reason = applicability(name, env)
     if reason:
         raise SolverUnavailable(reason)
-    instance = int(split_seeds(split)[seed_index])
-    _, info = env.reset(seed=reset_seed(instance, seed), options={"instance": instance})
-    prob = _Problem(env, info)
-    rec = _Recorder(prob, env.task.budget, env.task.divergence_factor)
-    opts = dict(options or {})
-    if name in TORCH_OPTIMIZERS:
-        W, H, notes = _torch_opt(prob, rec, np.random.default_rng([seed, instance, 7]), name, **opts)
-    elif name in ("hals", "als-masked", "als-grow"):
-        W, H, notes = _reference(prob, rec, name, **opts)
-    elif name == "lm":
-        W, H, notes = _lm(prob, rec, **opts)
-    else:
-        W, H, notes = _sklearn(prob, rec, name.split("-")[1])
-    extra = int(notes.pop("extra", 0))
-    return rec.trace(name, seed_index, instance, W, H, extra=extra, notes=notes)
+    together = max_batch if name in TORCH_OPTIMIZERS else 1
+    traces: list[Trace] = []
+    for start in range(0, len(seed_indices), together):
+        chunk = [int(i) for i in seed_indices[start:start + together]]
+        instances = [int(split_seeds(split)[i]) for i in chunk]
+        probs, recs = [], []
+        for instance in instances:
+            _, info = env.reset(seed=reset_seed(instance, seed), options={"instance": instance})
+            probs.append(_Problem(env, info))
+            recs.append(_Recorder(probs[-1], env.task.budget, env.task.divergence_factor))
+        opts = dict(options or {})
+        if name in TORCH_OPTIMIZERS:
+            rngs = [np.random.default_rng([seed, instance, 7]) for instance in instances]
+            outs = _torch_opt(probs, recs, rngs, name, **opts)
+        elif name in ("hals", "als-masked", "als-grow"):
+            outs = [_reference(probs[0], recs[0], name, **opts)]
+        elif name == "lm":
+            outs = [_lm(probs[0], recs[0], **opts)]
+        else:
+            outs = [_sklearn(probs[0], recs[0], name.split("-")[1])]
+        for i, instance, rec, (W, H, notes) in zip(chunk, instances, recs, outs):
+            extra = int(notes.pop("extra", 0))
+            traces.append(rec.trace(name, i, instance, W, H, extra=extra, notes=notes))
+    return traces

@@ -304,9 +304,14 @@ class EpisodeTracker:
     def lipschitz(self) -> np.ndarray:
         return self.stats[:, [STAT_L_W, STAT_L_H]]
 
-    def actions_to_lr(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`TaskConfig.actions_to_lr` for the current state of every slot (any action mode)."""
-        return self.cfg.actions_to_lr(actions, self.lipschitz(), self.lr, (self.lr_lo, self.lr_hi))
+    def actions_to_lr(self, actions: np.ndarray, slots=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`TaskConfig.actions_to_lr` for the current state of every slot (any action mode), or of the
+        listed ``slots`` (``actions`` then has one row per listed slot)."""
+        if slots is None:
+            return self.cfg.actions_to_lr(actions, self.lipschitz(), self.lr, (self.lr_lo, self.lr_hi))
+        slots = np.asarray(slots)
+        return self.cfg.actions_to_lr(actions, self.lipschitz()[slots], self.lr[slots],
+                                      (self.lr_lo[slots], self.lr_hi[slots]))
 
     def lr_in_force(self) -> np.ndarray:
         """(B, 2) step sizes in force: 'relative' mode's state, else the last epoch's (NaN before the first)."""

@@ -1,8 +1,8 @@
 """``lrenv tune``: tune every baseline's settings on the *validation* split, never on the reported one.
 
 Each tunable baseline has a small grid (:data:`SEARCH_SPACES`); every setting runs on the same validation
-instances through the evaluation harness (schedules that need only the observation run together in batched
-engines), and the setting with the best score wins. Score of one run: epochs to target, or twice the budget
+instances through the evaluation harness (the schedules' runs step together in batched engines, a torch
+optimizer's instances run together), and the setting with the best score wins. Score of one run: epochs to target, or twice the budget
 when the target is not reached (diverged runs too), the same convention as ``lrenv benchmark``; a setting's
 score is the mean over instances, ties broken by the mean of log10(best loss / target) (which also ranks
 settings on families where nothing reaches the target).

@@ -118,6 +118,9 @@ class BatchedNMFVecEnv(VecEnv):
         """False: a finished slot stays frozen (no step, no new episode) instead of starting the next one; for
         evaluation, where a reset would draw a problem nobody records."""
         self._frozen = np.zeros(B, dtype=bool)
+        self.gradient_stats = True
+        """False: statistics without the gradient (a third of their cost; its norm reads NaN in observations and
+        infos, and LROracle has no gradient), for evaluating schedules that use neither (:mod:`lrenv.batch_eval`)."""
 
     # -------------------------------------------------------------- slots
     def _reset_slots(self, slots: Sequence[int], seeds: Sequence[int | None] | None = None,
@@ -149,8 +152,9 @@ class BatchedNMFVecEnv(VecEnv):
             infos.append(info)
         return infos
 
-    def _stats(self, slots=None) -> np.ndarray:
-        return self.engine.evaluate(slots).double().cpu().numpy()
+    def _stats(self, slots=None, episode_start: bool | None = None) -> np.ndarray:
+        return self.engine.evaluate(slots, episode_start=episode_start,
+                                    gradient=self.gradient_stats).double().cpu().numpy()
 
     # -------------------------------------------------------------- VecEnv API
     def reset(self) -> VecEnvObs:
@@ -160,16 +164,21 @@ class BatchedNMFVecEnv(VecEnv):
         self._needs_reset = False
         return self.tracker.observe()
 
-    def reset_instances(self, instances: Sequence[int], seeds: Sequence[int]) -> tuple[VecEnvObs, list[dict]]:
-        """Start every slot ``i`` on instance ``instances[i]`` with reset seed ``seeds[i]``, exactly as
-        ``NMFEnv.reset(seed=seeds[i], options={"instance": instances[i]})``; returns observations and infos."""
-        if len(instances) != self.num_envs or len(seeds) != self.num_envs:
-            raise ValueError(f"reset_instances needs {self.num_envs} instances and seeds, got "
+    def reset_instances(self, instances: Sequence[int], seeds: Sequence[int],
+                        slots: Sequence[int] | None = None) -> tuple[VecEnvObs, list[dict]]:
+        """Start slot ``slots[k]`` (default: every slot, in order) on instance ``instances[k]`` with reset seed
+        ``seeds[k]``, exactly as ``NMFEnv.reset(seed=seeds[k], options={"instance": instances[k]})``; a frozen
+        slot (``autoreset = False``) runs again. Returns the observations of all slots and the infos of the
+        listed ones. Resetting some slots needs a reset of all of them first."""
+        slots = list(range(self.num_envs)) if slots is None else [int(i) for i in slots]
+        if len(instances) != len(slots) or len(seeds) != len(slots):
+            raise ValueError(f"reset_instances needs {len(slots)} instances and seeds, got "
                              f"{len(instances)} and {len(seeds)}")
-        infos = self._reset_slots(list(range(self.num_envs)), seeds=list(seeds),
-                                  options=[{"instance": int(i)} for i in instances])
+        if self._needs_reset and sorted(slots) != list(range(self.num_envs)):
+            raise RuntimeError("BatchedNMFVecEnv.reset_instances: reset every slot before resetting some of them")
+        infos = self._reset_slots(slots, seeds=list(seeds), options=[{"instance": int(i)} for i in instances])
         self._needs_reset = False
-        self._frozen[:] = False
+        self._frozen[slots] = False
         return self.tracker.observe(), infos
 
     def step_async(self, actions: np.ndarray) -> None:
@@ -188,8 +197,14 @@ class BatchedNMFVecEnv(VecEnv):
         lr_run = np.where(still[:, None], 0.0, lr) if any_invalid else lr  # an invalid or frozen slot does not move
         if not (any_invalid and still.all()):
             lr_t = torch.as_tensor(lr_run, dtype=cfg.dtype, device=cfg.device)
-            self.engine.epoch(lr_t, order if B == 1 else torch.as_tensor(order, device=cfg.device))
-            stats = self._stats()
+            if self._frozen.any() and B > 1:  # frozen slots are not computed at all
+                live = np.flatnonzero(~self._frozen)
+                self.engine.epoch(lr_t[live], torch.as_tensor(order[live], device=cfg.device), index=live)
+                stats = self.tracker.stats.copy()
+                stats[live] = self._stats(live, episode_start=False)
+            else:
+                self.engine.epoch(lr_t, order if B == 1 else torch.as_tensor(order, device=cfg.device))
+                stats = self._stats()
         else:
             stats = self.tracker.stats.copy()
         if any_invalid:

@@ -26,10 +26,10 @@ def test_tuning_free_optimizer_descends_and_stays_non_negative(name, monkeypatch
     kept = {}
     real = solvers._torch_opt
 
-    def spy(prob, rec, rng, opt_name, **kw):
-        W, H, notes = real(prob, rec, rng, opt_name, **kw)
-        kept.update(W=W, H=H, prob=prob)
-        return W, H, notes
+    def spy(probs, recs, rngs, opt_name, **kw):
+        out = real(probs, recs, rngs, opt_name, **kw)
+        kept.update(W=out[0][0], H=out[0][1], prob=probs[0])
+        return out
 
     monkeypatch.setattr(solvers, "_torch_opt", spy)
     tr = run_solver(name, SMALL, 0)

@@ -17,12 +17,18 @@ the env-epochs/s of a DummyVecEnv of 8; PPO end-to-end on small at least 1500 st
 ``--masked`` instead compares the masked family ``sales`` with ``small`` (same 1000 x 100 shape): env steps
 alternated in one process (target: sales at most 1.5x small), and an evaluation of a few schedules on
 ``sales`` on the exact-bound path (``LRENV_BOUND_TOL=0``) against the default cached bounds.
+
+``--evaluate-paths`` instead times ``lrenv evaluate --problem small --seeds 10`` one instance at a time and batched
+in one run (wall and CPU seconds, per method class), checks that both give the same results, and writes
+``runs/bench/evaluate_paths.json``. The comparison with an older revision of the code is
+``scripts/evaluate_speed.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from typing import Any, Callable
@@ -260,7 +266,6 @@ def contention_table(ppo_steps: int = 8192, thread_options: tuple[int, ...] = (1
     """PPO training on ``small`` (8 envs) and an evaluation, each in a fresh process, for every env thread count
     (0 = every core) and OpenMP wait policy, on the machine as it is ("idle") and with one competing CPU-bound
     process that this function starts and stops itself ("busy", a bounded busy loop)."""
-    import os
     import subprocess
     import sys
     rows = []
@@ -298,23 +303,69 @@ def contention_table(ppo_steps: int = 8192, thread_options: tuple[int, ...] = (1
     return rows
 
 
-def measure_evaluate_paths(seeds: int = 10) -> dict:
-    """``lrenv evaluate --problem small --seeds N`` (every method) one instance at a time vs batched, in one run,
-    and whether their results are identical."""
-    from lrenv.evaluate import evaluate
-    kw = dict(problem="small", seeds=seeds, save=False, progress=False, verbose=False)
-    t0 = time.perf_counter()
-    one = evaluate("all", batched=False, **kw)
-    t1 = time.perf_counter()
-    new = evaluate("all", batched=True, **kw)
-    t2 = time.perf_counter()
-    keys = ("method", "instance", "reached_target", "diverged", "epochs_to_target")
-    same = [tuple(r[k] for k in keys) for r in one.rows] == [tuple(r[k] for k in keys) for r in new.rows]
-    close = all(np.isclose(a["final_loss"], b["final_loss"], rtol=1e-4, equal_nan=True)
-                or not (np.isfinite(a["final_loss"]) and np.isfinite(b["final_loss"]))
-                for a, b in zip(one.rows, new.rows))
-    return dict(one_at_a_time_s=t1 - t0, batched_s=t2 - t1, speedup=(t1 - t0) / (t2 - t1),
-                same_outcomes=same, final_losses_close=close, runs=len(new.rows))
+EVALUATE_PATHS_JSON = "runs/bench/evaluate_paths.json"
+METHOD_CLASSES = ("schedules", "line searches", "policies", "torch optimizers", "other solvers")
+"""How :func:`measure_evaluate_paths` groups the methods: schedules that need only the observation, the line
+searches (they query the iterate), trained policies, the torch-optimizer solvers, the other outside solvers."""
+
+
+def method_class(method: Any) -> str:
+    """The :data:`METHOD_CLASSES` entry of an evaluation method (a schedule object or a solver name)."""
+    from lrenv.schedules import Armijo, BarzilaiBorwein, PolicySchedule, Polyak
+    from lrenv.solvers import TORCH_OPTIMIZERS
+    if isinstance(method, str):
+        return "torch optimizers" if method in TORCH_OPTIMIZERS else "other solvers"
+    if isinstance(method, PolicySchedule):
+        return "policies"
+    return "line searches" if isinstance(method, (Armijo, Polyak, BarzilaiBorwein)) else "schedules"
+
+
+def measure_evaluate_paths(seeds: int = 10, problem: str = "small", methods: str = "all") -> dict:
+    """``lrenv evaluate --problem PROBLEM --seeds N`` one instance at a time (``--one-at-a-time``) and batched (the
+    default), in one run: wall and CPU seconds of each, their ratio, the seconds per method class and per method
+    (the runs' recorded wall times; batched ones share their batch's time), and whether the results are identical
+    (same outcomes; final losses within 1e-6)."""
+    from lrenv.evaluate import evaluate, method_name, resolve_methods
+    kw = dict(problem=problem, seeds=seeds, save=False, progress=False, verbose=False)
+    classes = {method_name(m): method_class(m) for m in resolve_methods(methods)}
+    out: dict[str, Any] = {"problem": problem, "seeds": seeds, "methods": methods}
+    results = {}
+    for path, batched in (("one_at_a_time", False), ("batched", True)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = evaluate(methods, batched=batched, **kw)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        per_method = {m: float(sum(t.wall[-1] for t in trs)) for m, trs in res.traces.items()}
+        per_class = {c: 0.0 for c in METHOD_CLASSES}
+        for m, sec in per_method.items():
+            per_class[classes[m]] += sec
+        out[path] = {"wall_s": wall, "cpu_s": cpu, "per_class_s": per_class, "per_method_s": per_method}
+        results[path] = res.rows
+    one, new = results["one_at_a_time"], results["batched"]
+    keys = ("method", "instance", "reached_target", "diverged", "epochs_to_target", "epochs")
+    out["same_outcomes"] = ([tuple(r[k] for k in keys) for r in one] == [tuple(r[k] for k in keys) for r in new])
+    out["final_losses_close"] = all(np.isclose(a["final_loss"], b["final_loss"], rtol=1e-6, equal_nan=True)
+                                    or not (np.isfinite(a["final_loss"]) or np.isfinite(b["final_loss"]))
+                                    for a, b in zip(one, new))
+    out["runs"] = len(new)
+    out["speedup_wall"] = out["one_at_a_time"]["wall_s"] / out["batched"]["wall_s"]
+    out["speedup_cpu"] = out["one_at_a_time"]["cpu_s"] / out["batched"]["cpu_s"]
+    out["speedup_per_class"] = {c: out["one_at_a_time"]["per_class_s"][c] / out["batched"]["per_class_s"][c]
+                                for c in METHOD_CLASSES if out["batched"]["per_class_s"][c] > 0}
+    return out
+
+
+def print_evaluate_paths(r: dict) -> None:
+    one, new = r["one_at_a_time"], r["batched"]
+    print(f"lrenv evaluate --problem {r['problem']} --seeds {r['seeds']} --methods {r['methods']} ({r['runs']} runs), "
+          "one at a time vs batched, in one run")
+    print(f"{'':22} {'one at a time':>14} {'batched':>9} {'ratio':>6}")
+    print(f"{'wall s':22} {one['wall_s']:>14.1f} {new['wall_s']:>9.1f} {r['speedup_wall']:>6.2f}")
+    print(f"{'CPU s':22} {one['cpu_s']:>14.1f} {new['cpu_s']:>9.1f} {r['speedup_cpu']:>6.2f}")
+    for c in METHOD_CLASSES:
+        a, b = one["per_class_s"][c], new["per_class_s"][c]
+        if a or b:
+            print(f"{'  ' + c + ' s':22} {a:>14.1f} {b:>9.1f} {a / b if b else float('nan'):>6.2f}")
+    print(f"same outcomes: {r['same_outcomes']}; final losses within 1e-6: {r['final_losses_close']}")
 
 
 # ----------------------------------------------------------------------------- masked bounds
@@ -450,7 +501,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead: PPO and an evaluation for env threads 1 / all and OpenMP wait policies, idle and "
                         "with a competing busy process (started and stopped by the bench)")
     p.add_argument("--evaluate-paths", action="store_true",
-                   help="instead: lrenv evaluate --problem small --seeds 10, one instance at a time vs batched")
+                   help="instead: lrenv evaluate --problem small --seeds 10, one instance at a time vs batched, per "
+                        f"method class; writes {EVALUATE_PATHS_JSON} unless --out")
+    p.add_argument("--evaluate-methods", default="all", help="--evaluate-paths: the methods evaluated")
+    p.add_argument("--evaluate-seeds", type=int, default=10, help="--evaluate-paths: instances")
     p.add_argument("--masked", action="store_true",
                    help="instead: sales (masked) vs small env step, alternated in one run, and sales schedules' "
                         "results on exact vs cached masked bounds")
@@ -469,7 +523,7 @@ def _fmt(x: float | None, spec: str = ".0f") -> str:
 def _write(result: dict, path: str | None) -> None:
     """Write ``result`` as JSON atomically (a temporary file beside ``path``, then a rename)."""
     if path:
-        import os
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(result, f, indent=2)
@@ -496,11 +550,10 @@ def run(args: argparse.Namespace) -> int:
         _write(result, args.out)
         return 0
     if args.evaluate_paths:
-        r = measure_evaluate_paths()
-        print(f"lrenv evaluate --problem small --seeds 10 ({r['runs']} runs): one at a time {r['one_at_a_time_s']:.1f} s, "
-              f"batched {r['batched_s']:.1f} s -> {r['speedup']:.2f}x; same outcomes: {r['same_outcomes']}, "
-              f"final losses within 1e-4: {r['final_losses_close']}")
-        _write({"evaluate_paths": r, "torch": torch.__version__}, args.out)
+        r = measure_evaluate_paths(seeds=args.evaluate_seeds, methods=args.evaluate_methods)
+        print_evaluate_paths(r)
+        _write({"evaluate_paths": r, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(), "load1": os.getloadavg()[0]}, args.out or EVALUATE_PATHS_JSON)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
