@@ -303,20 +303,23 @@ def test_learnedlr_refuses_policies_it_cannot_drive():
     gap.env_config = {**RELATIVE_CONFIG, "obs_features": ["loss", "target_gap"]}
     with pytest.raises(ValueError, match="target_gap"):
         LearnedLR(opt, gap)
-    with pytest.raises(ValueError, match="no pretrained policy named 'generalist'"):
-        LearnedLR(opt, "pretrained:generalist")
+    with pytest.raises(ValueError, match="no pretrained policy named 'generalst'.*Did you mean 'generalist'"):
+        LearnedLR(opt, "pretrained:generalst")
 
 
 # ----------------------------------------------------------------------------- the shipped policy
-def test_pretrained_policy_loads_and_runs_an_episode():
+@pytest.mark.parametrize("name, problem", [("small-relative", "small"), ("generalist", "small"),
+                                           ("generalist", "tutorial")])
+def test_pretrained_policy_loads_and_runs_an_episode(name, problem):
     import lrenv
     from lrenv.evaluate import run_schedule
     from lrenv.schedules import pretrained_names
-    assert "small-relative" in pretrained_names()
-    policy = lrenv.pretrained("small-relative")
+    assert {"small-relative", "generalist"} <= set(pretrained_names())
+    policy = lrenv.pretrained(name)
     assert policy.action_mode == "relative"
-    trace = run_schedule(policy, {"problem": "small", "budget": 30}, 0)
+    trace = run_schedule(policy, {"problem": problem, "budget": 30}, 0)
     assert not trace.diverged and trace.loss[-1] < 0.5 * trace.loss[0]
+    assert os.path.isfile(os.path.join(ROOT, "lrenv", "pretrained", name, "CARD.md"))
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(ROOT, "lrenv", "pretrained"))
                for f in fs)
     assert size < 1_000_000
