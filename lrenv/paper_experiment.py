@@ -40,6 +40,9 @@ BEST_STABLE_C = 1.1
 (``lrenv/tuned/medium.yml``, validation instances) — never tuned on the paper-size test instances."""
 FIGURE = "paper_fig1.png"
 """The figure like the paper's Fig. 1, in the output directory."""
+TRACES = "traces.npz"
+"""Every run's per-epoch curves (loss, step sizes, bounds), so the figure can be redrawn without rerunning."""
+_CURVES = ("loss", "lr_W", "lr_H", "bound_W", "bound_H")
 
 
 def paper_baselines(fixed_c: Sequence[float] = (2.0, BEST_STABLE_C)) -> list[Schedule]:
@@ -169,7 +172,8 @@ def paper_rows(result: EvalResult) -> list[dict[str, Any]]:
             "best_over_target_median": float(np.nanmedian(best)) if best else math.nan,
             "extra_loss_evals_mean": s["extra_loss_evals_mean"], "epochs_run_mean": epochs / max(len(rows), 1),
             "wall_per_run_s": wall / max(len(rows), 1), "ms_per_epoch": 1000 * wall / epochs if epochs else math.nan,
-            "mean_scale_W": _mean([r["mean_scale_W"] for r in rows]), "mean_scale_H": _mean([r["mean_scale_H"] for r in rows]),
+            "mean_scale_W": _mean([r["mean_scale_W"] for r in rows]),
+            "mean_scale_H": _mean([r["mean_scale_H"] for r in rows]),
         })
     return out
 
@@ -185,11 +189,13 @@ def paper_table(result: EvalResult, *, budget: int | None = None) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in paper_rows(result):
         lo, hi = r["epochs_to_target_ci95"]
-        ett = "–" if not math.isfinite(r["epochs_to_target_mean"]) else f"{r['epochs_to_target_mean']:.0f} [{lo:.0f}, {hi:.0f}]"
+        ett = ("–" if not math.isfinite(r["epochs_to_target_mean"])
+               else f"{r['epochs_to_target_mean']:.0f} [{lo:.0f}, {hi:.0f}]")
         cells = [r["method"], f"{r['success']:.2f}", ett, _fmt(r["final_loss_median"], ".4g"),
                  _fmt(r["final_over_target_median"], ".3f"), _fmt(r["best_over_target_median"], ".3f"),
                  f"{r['diverged']:.2f}", f"{_fmt(r['mean_scale_W'], '.2g')}, {_fmt(r['mean_scale_H'], '.2g')}",
-                 _fmt(r["extra_loss_evals_mean"], ".0f"), _fmt(r["wall_per_run_s"], ".0f"), _fmt(r["ms_per_epoch"], ".0f")]
+                 _fmt(r["extra_loss_evals_mean"], ".0f"), _fmt(r["wall_per_run_s"], ".0f"),
+                 _fmt(r["ms_per_epoch"], ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -206,6 +212,47 @@ def figure_colors(traces: dict[str, list]) -> dict[str, str]:
             out[name] = next(hues, "#7f7f7f")
         elif name == "random-bound":
             out[name] = "#7f7f7f"
+    return out
+
+
+def save_traces(path: str, traces: dict[str, list]) -> None:
+    """Write every run's curves to ``path`` (.npz, atomically): ``index`` holds one JSON record per run (method,
+    instance, target, budget, diverged, reached_target) and ``run{i}_{curve}`` its arrays."""
+    import json
+
+    from .policy_io import unique_tmp
+    index, arrays = [], {}
+    for method, runs in traces.items():
+        for t in runs:
+            i = len(index)
+            index.append({"method": method, "instance": int(t.instance), "seed_index": int(t.seed_index),
+                          "target_loss": float(t.target_loss), "budget": int(t.budget), "diverged": bool(t.diverged),
+                          "reached_target": bool(t.reached_target), "extra_loss_evals": int(t.extra_loss_evals)})
+            for c in _CURVES:
+                arrays[f"run{i}_{c}"] = np.asarray(getattr(t, c), dtype=np.float64)
+    tmp = unique_tmp(path) + ".npz"
+    try:
+        np.savez_compressed(tmp, index=np.array(json.dumps(index)), **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_traces(path: str) -> dict[str, list]:
+    """The traces written by :func:`save_traces` (as :class:`lrenv.metrics.Trace`), by method in their order."""
+    import json
+
+    from .metrics import Trace
+    out: dict[str, list] = {}
+    with np.load(path) as z:
+        for i, rec in enumerate(json.loads(str(z["index"]))):
+            curves = {c: z[f"run{i}_{c}"] for c in _CURVES}
+            out.setdefault(rec["method"], []).append(Trace(
+                method=rec["method"], seed_index=rec["seed_index"], instance=rec["instance"],
+                target_loss=rec["target_loss"], wall=np.zeros(len(curves["loss"])), budget=rec["budget"],
+                diverged=rec["diverged"], reached_target=rec["reached_target"],
+                extra_loss_evals=rec["extra_loss_evals"], **curves))
     return out
 
 
@@ -229,8 +276,9 @@ def run_paper_experiment(models: Sequence[Any] = (), *, problem: str = "paper", 
     """Run the paper's baselines and ``models`` on ``seeds`` test instances of ``problem`` and write, to ``out_dir``
     (must not exist or be empty; None writes nothing): ``results.csv`` (one row per run), ``summary.md`` (the paper
     table, then the harness's own table), ``summary.json``, ``config.json`` (settings, instances, per-epoch cost,
-    CPU and wall time of the whole run, notes) and :data:`FIGURE` (loss vs epoch like the paper's Fig. 1), plus the
-    harness's ``loss_curves*.png`` and ``lr_history.png``.
+    CPU and wall time of the whole run, notes), :data:`FIGURE` (loss vs epoch like the paper's Fig. 1) and
+    :data:`TRACES` (every run's curves: redraw with ``paper_loss_figure(load_traces(path))``), plus the harness's
+    ``loss_curves*.png`` and ``lr_history.png``.
 
     ``batched=False`` (default) runs every instance in its own environment: at paper size an epoch is a few GEMMs,
     so stepping runs together saves nothing, while a batch keeps computing (at lr 0) the slots whose runs already
@@ -263,6 +311,7 @@ def run_paper_experiment(models: Sequence[Any] = (), *, problem: str = "paper", 
                                       "loss vs epoch: mean of log10 over instances, band min–max")
         exp.figure = os.path.join(out, FIGURE)
         save_figure(fig, exp.figure)
+        save_traces(os.path.join(out, TRACES), result.traces)
         text = [f"# The paper's experiment: {title}", "", table]
         if cost:
             text.append(f"Per-epoch cost (one environment, one thread, measured before the run): "

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from lrenv.paper_experiment import FIGURE, adapt_budget, parse_model_spec, run_paper_experiment
+from lrenv.paper_experiment import FIGURE, TRACES, adapt_budget, load_traces, parse_model_spec, run_paper_experiment
 from lrenv.schedules import pretrained
 
 TINY = {"m": 60, "n": 20, "rank": 3}
@@ -50,6 +50,13 @@ def test_script_writes_table_csv_config_and_figure(tmp_path):
     by = {r["method"]: r for r in cfg["table"]}
     assert by["fixed c=2 (the bound 2/L)"]["diverged"] == 1.0
     assert by["armijo"]["extra_loss_evals_mean"] > 0
+    # the curves behind the figure come back as traces, and redraw
+    traces = load_traces(str(out / TRACES))
+    assert list(traces) == METHODS and all(len(v) == 2 for v in traces.values())
+    assert all(t.diverged for t in traces["fixed c=2 (the bound 2/L)"])
+    assert all(len(t.loss) == 21 for t in traces["fixed c=1.1"] if not t.diverged)
+    from lrenv.plots import paper_loss_figure
+    assert paper_loss_figure(traces).axes[0].get_yscale() == "log"
     # never overwrites a finished experiment
     assert _script().main([*ARGS, "--out", str(out)]) == 2
 
