@@ -251,3 +251,54 @@ def save_figure(fig: Figure, path: str) -> np.ndarray:
     os.replace(tmp, path)
     plt.close(fig)
     return image
+
+
+# ----------------------------------------------------------------------------- the paper's Fig. 1
+def paper_loss_figure(traces: dict[str, list], methods: Sequence[str] | None = None, title: str | None = None,
+                      figsize: tuple[float, float] = (8.0, 4.6), colors: dict[str, str] | None = None) -> Figure:
+    """Loss against epoch like the paper's Fig. 1: absolute loss on a log axis, one line per method (every
+    method by default), the mean over instances of log10 loss (a geometric mean) with a band from the lowest
+    to the highest instance, and the target as a horizontal line (the mean of the instances' targets, which
+    differ by a few percent). A run that reached the target stops there (the episode ends) and keeps its last
+    value; a diverged run is dropped from the epoch it diverged and marked with a cross at its last finite loss.
+    ``colors``: method name -> colour, overriding :func:`method_color` (e.g. to tell two fixed schedules apart)."""
+    methods = _ordered(traces, list(traces) if methods is None else methods)
+    policies = [m for m in methods if is_policy(m)]
+    fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    ymax = 0.0
+    for name in methods:
+        runs = traces[name]
+        style = _style(name, policies)
+        if colors and name in colors:
+            style["color"] = colors[name]
+        alive = [np.asarray(t.loss, dtype=float)[:-1] if t.diverged else np.asarray(t.loss, dtype=float) for t in runs]
+        length = max(len(a) for a in alive)
+        arr = pad_curves(alive, length, "last")
+        for i, t in enumerate(runs):
+            if t.diverged:
+                arr[i, len(alive[i]):] = np.nan
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            logs = np.log10(np.where(np.isfinite(arr) & (arr > 0), arr, np.nan))
+            mean, lo, hi = (10 ** np.nanmean(logs, axis=0), 10 ** np.nanmin(logs, axis=0),
+                            10 ** np.nanmax(logs, axis=0))
+        x = np.arange(length)
+        n_div = sum(t.diverged for t in runs)
+        label = name + (f"  [{n_div}/{len(runs)} diverged]" if n_div else "")
+        ax.plot(x, mean, label=label, **style)
+        ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15, lw=0, zorder=style["zorder"] - 1)
+        for a, t in zip(alive, runs):
+            if t.diverged and len(a):
+                ax.plot(len(a) - 1, a[-1], "x", color=style["color"], ms=8, mew=2, zorder=style["zorder"] + 1)
+        if np.isfinite(hi).any():
+            ymax = max(ymax, float(np.nanmax(hi)))
+    targets = [t.target_loss for m in methods for t in traces[m]]
+    if targets:
+        ax.axhline(float(np.mean(targets)), color="k", ls="--", lw=1.0, label="target")
+    ax.set(yscale="log", xlabel="epoch", ylabel="loss ½‖V − WH‖²")
+    ax.set_title(title or "loss vs epoch (mean of log10 loss over instances; band: min–max)", fontsize=10)
+    if ymax > 0 and targets:
+        ax.set_ylim(min(targets) * 0.5, ymax * 2.0)
+    ax.grid(True, which="major", alpha=0.25)
+    ax.legend(fontsize=8, loc="upper right", frameon=False)
+    return fig
