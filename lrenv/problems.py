@@ -14,7 +14,7 @@ Names accepted by :func:`make_family`:
 
 ========== ===================================================================================
 small      synthetic NMF V = W0 H0 (+ noise), 1000 x 100, rank 10, 200-epoch budget
-medium     same, 3000 x 300, rank 30, 300 epochs
+medium     same, 3000 x 300, rank 30, 1000 epochs
 paper      same at the paper's size, 10000 x 1000, rank 100, 1000 epochs
 sales      partially observed grocery sales, 1000 x 100, true rank 12, model rank 8; half the
            entries held out (held-out MSE reported)
