@@ -128,6 +128,19 @@ def _style(name: str, policies: Sequence[str]) -> dict:
                 ls="--" if name.startswith("fixed ") else "-")
 
 
+def _until_divergence(curves: list[np.ndarray], runs: Sequence) -> tuple[list[np.ndarray], np.ndarray]:
+    """Curves of runs as a (runs, epochs) array for plotting: a run that stopped keeps its last value, a diverged run
+    loses its last point (the blow-up) and is NaN from there on, and non-positive or non-finite values are NaN.
+    Also returns each run's curve without the blow-up (to mark where it diverged)."""
+    alive = [c[:-1] if t.diverged else c for c, t in zip(curves, runs)]
+    arr = pad_curves(alive, max(len(c) for c in curves), "last")
+    for i, t in enumerate(runs):
+        if t.diverged:
+            arr[i, len(alive[i]):] = np.nan
+    with np.errstate(all="ignore"):
+        return alive, np.where(np.isfinite(arr) & (arr > 0), arr, np.nan)
+
+
 def _draw_loss(ax, traces: dict[str, list], methods: Iterable[str], policies: Sequence[str], *, label_best: str | None,
                top: float) -> None:
     """Median over seeds of loss / target per method (runs that stopped keep their last value; a diverged
@@ -135,20 +148,13 @@ def _draw_loss(ax, traces: dict[str, list], methods: Iterable[str], policies: Se
     for name in methods:
         runs = traces[name]
         style = _style(name, policies)
-        rel = [np.asarray(t.loss, dtype=float) / t.target_loss for t in runs]
-        alive = [r if not t.diverged else r[:-1] for r, t in zip(rel, runs)]  # the last point is the blow-up
-        length = max(len(r) for r in rel)
-        arr = pad_curves(alive, length, "last")
-        for i, t in enumerate(runs):
-            if t.diverged:
-                arr[i, len(alive[i]):] = np.nan
+        alive, arr = _until_divergence([np.asarray(t.loss, dtype=float) / t.target_loss for t in runs], runs)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            arr = np.where(np.isfinite(arr) & (arr > 0), arr, np.nan)
             med = np.nanmedian(arr, axis=0)
         n_div = sum(t.diverged for t in runs)
         label = name + (" (best fixed)" if name == label_best else "") + (f"  [{n_div}/{len(runs)} diverged]" if n_div else "")
-        ax.plot(np.arange(length), np.minimum(med, top), label=label, **style)
+        ax.plot(np.arange(arr.shape[1]), np.minimum(med, top), label=label, **style)
         div_at = [len(a) for a, t in zip(alive, runs) if t.diverged]
         if div_at:
             ax.plot(div_at, [top] * len(div_at), "x", color=style["color"], ms=7, mew=2, zorder=style["zorder"],
@@ -271,15 +277,11 @@ def paper_loss_figure(traces: dict[str, list], methods: Sequence[str] | None = N
         style = _style(name, policies)
         if colors and name in colors:
             style["color"] = colors[name]
-        alive = [np.asarray(t.loss, dtype=float)[:-1] if t.diverged else np.asarray(t.loss, dtype=float) for t in runs]
-        length = max(len(a) for a in alive)
-        arr = pad_curves(alive, length, "last")
-        for i, t in enumerate(runs):
-            if t.diverged:
-                arr[i, len(alive[i]):] = np.nan
+        alive, arr = _until_divergence([np.asarray(t.loss, dtype=float) for t in runs], runs)
+        length = arr.shape[1]
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            logs = np.log10(np.where(np.isfinite(arr) & (arr > 0), arr, np.nan))
+            logs = np.log10(arr)
             mean, lo, hi = (10 ** np.nanmean(logs, axis=0), 10 ** np.nanmin(logs, axis=0),
                             10 ** np.nanmax(logs, axis=0))
         x = np.arange(length)
