@@ -5,7 +5,9 @@ A *suite* is a YAML file (shipped ones: ``lrenv/suites/{core,core-lite,smoke}.ym
 takes them, env kwargs), the training seeds, the baselines (evaluation method names) and the number of test
 instances. :func:`expand` turns it into :class:`Trial` s of three kinds:
 
-``train/<family>/<agent>/s<seed>``     train one PPO agent (``run/``: the layout ``lrenv train`` writes)
+``train/<family>/<agent>/s<seed>``     train one PPO agent (``run/``: the layout ``lrenv train`` writes); an agent
+                                       with ``train_on: <suite>`` trains on that problem suite (``train/suite-<name>/...``,
+                                       shared by the families), or with ``leave_out`` on it minus the tested family
 ``agent/<family>/<agent>/s<seed>``     evaluate that agent on the test instances (``eval/``: ``lrenv evaluate``'s)
 ``baseline/<family>/<method>``         evaluate one baseline method on the same instances
 
@@ -69,6 +71,14 @@ class Agent:
     name: str
     overrides: list[str] = field(default_factory=list)
     env_kwargs: dict = field(default_factory=dict)
+    families: list[str] = field(default_factory=list)
+    """Labels of the suite's families this agent is trained for and scored on (empty: every family)."""
+    train_on: str | None = None
+    """A problem suite (``suite:NAME`` or a suite ``.yml``, see :mod:`lrenv.suite`) to train one policy on
+    instead of each tested family: the agent is then scored on families it may never have seen."""
+    leave_out: bool = False
+    """With ``train_on``: leave the tested family out of the training suite (leave-one-family-out), one
+    training per tested family; families the suite does not hold share one training on the whole suite."""
 
 
 @dataclass
@@ -96,6 +106,7 @@ class Suite:
         return dataclasses.asdict(self)
 
 
+AGENT_KEYS = {"overrides", "env_kwargs", "families", "train_on", "leave_out"}
 SUITE_KEYS = {"description", "test_instances", "split", "seeds", "penalty", "families", "agents", "train",
               "baselines", "bootstrap_reps", "gpus_per_trial"}
 TRAIN_KEYS = {"eval_freq", "eval_episodes", "checkpoint_freq", "vec", "env_device", "device"}
@@ -152,15 +163,16 @@ def parse_suite(doc: dict, name: str = "suite", source: str = "suite") -> Suite:
     agents = []
     for aname, spec in dict(doc.get("agents") or {}).items():
         spec = dict(spec or {})
-        bad = set(spec) - {"overrides", "env_kwargs"}
+        bad = set(spec) - AGENT_KEYS
         if bad or not _NAME.match(str(aname)):
-            raise fail(f"agent {aname!r}: names are plain names and entries have overrides, env_kwargs "
+            raise fail(f"agent {aname!r}: names are plain names and entries have {', '.join(sorted(AGENT_KEYS))} "
                        f"(got {sorted(bad)})")
         overrides = [str(o) for o in (spec.get("overrides") or [])]
         for o in overrides:
             if ":" not in o:
                 raise fail(f"agent {aname!r}: override {o!r} is not key:value")
-        agents.append(Agent(str(aname), overrides, dict(spec.get("env_kwargs") or {})))
+        agents.append(Agent(str(aname), overrides, dict(spec.get("env_kwargs") or {}),
+                            *_agent_scope(aname, spec, [f.label for f in families], fail)))
     seeds = doc.get("seeds", [0])
     if agents and (not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds)
                    or len(set(seeds)) != len(seeds)):
@@ -185,6 +197,53 @@ def parse_suite(doc: dict, name: str = "suite", source: str = "suite") -> Suite:
                  test_instances=n, split=str(doc.get("split", "test")), penalty=penalty, train=train,
                  description=str(doc.get("description", "")), bootstrap_reps=reps,
                  gpus_per_trial=float(gpus))
+
+
+def _agent_scope(name: str, spec: dict, labels: list[str], fail: Callable[[str], ValueError]
+                 ) -> tuple[list[str], str | None, bool]:
+    """An agent's ``families``, ``train_on`` and ``leave_out``, checked: the families exist in the suite, the
+    training suite loads, ``leave_out`` only with ``train_on``."""
+    fams = spec.get("families") or []
+    if not isinstance(fams, list) or not all(isinstance(f, str) for f in fams):
+        raise fail(f"agent {name!r}: 'families' is a list of the suite's family labels, got {fams!r}")
+    unknown = [f for f in fams if f not in labels]
+    if unknown:
+        raise fail(f"agent {name!r}: families {unknown} are not in the suite (its families: {', '.join(labels)})")
+    train_on, leave_out = spec.get("train_on"), spec.get("leave_out", False)
+    if not isinstance(leave_out, bool):
+        raise fail(f"agent {name!r}: 'leave_out' is true or false, got {leave_out!r}")
+    if train_on is None:
+        if leave_out:
+            raise fail(f"agent {name!r}: 'leave_out' needs 'train_on' (the suite to leave the tested family out of)")
+        return list(fams), None, False
+    from lrenv.suite import is_suite, load_suite, suite_name
+    train_on = str(train_on)
+    if not is_suite(train_on):
+        raise fail(f"agent {name!r}: 'train_on' is a problem suite (suite, suite:NAME or a suite .yml), "
+                   f"got {train_on!r}")
+    try:
+        load_suite(suite_name(train_on))
+    except (ValueError, OSError) as e:
+        raise fail(f"agent {name!r}: train_on {train_on!r}: {e}") from None
+    return list(fams), train_on, leave_out
+
+
+def _training_problem(agent: Agent, fam: Family) -> tuple[str, dict]:
+    """Where ``agent`` trains for tested family ``fam``: ``(label, problem spec)``; agents that share a label
+    share one training trial."""
+    if agent.train_on is None:
+        return fam.label, {"problem": fam.problem, "problem_params": fam.params, "budget": fam.budget,
+                           "env_kwargs": agent.env_kwargs}
+    from lrenv.suite import load_suite, problem_label, suite_name
+    held = {e.problem for e in load_suite(suite_name(agent.train_on)).entries}
+    spec = {"problem": agent.train_on, "problem_params": {}, "budget": None, "env_kwargs": agent.env_kwargs}
+    if agent.leave_out and fam.problem in held:
+        if held == {fam.problem}:
+            raise ValueError(f"agent {agent.name!r}: leaving {fam.problem!r} out of {agent.train_on!r} leaves "
+                             "nothing to train on")
+        excluded = sorted({*agent.env_kwargs.get("exclude", []), fam.problem})
+        return fam.label, {**spec, "env_kwargs": {**agent.env_kwargs, "exclude": excluded}}
+    return problem_label(agent.train_on), spec
 
 
 # ----------------------------------------------------------------------------- trials
@@ -218,15 +277,21 @@ def expand(suite: Suite) -> list[Trial]:
     evals: list[Trial] = []
     on_gpu = any(str(suite.train.get(k, "cpu")).startswith("cuda") for k in ("env_device", "device"))
     gpus = suite.gpus_per_trial if on_gpu else 0.0
+    seen: set[str] = set()
     for fam in suite.families:
         problem = {"problem": fam.problem, "problem_params": fam.params, "budget": fam.budget}
         evaluation = {**problem, "test_instances": suite.test_instances, "split": suite.split}
         for agent in suite.agents:
+            if agent.families and fam.label not in agent.families:
+                continue
+            where, train_problem = _training_problem(agent, fam)
             for seed in suite.seeds:
-                tid = f"train/{fam.label}/{agent.name}/s{seed}"
-                trials.append(Trial(tid, "train", fam.label, agent.name, seed,
-                                    {**problem, "overrides": agent.overrides, "env_kwargs": agent.env_kwargs,
-                                     "seed": seed, "train": suite.train}, gpus=gpus))
+                tid = f"train/{where}/{agent.name}/s{seed}"
+                if tid not in seen:  # an agent trained on a whole suite: one training for every tested family
+                    seen.add(tid)
+                    trials.append(Trial(tid, "train", where, agent.name, seed,
+                                        {**train_problem, "overrides": agent.overrides, "seed": seed,
+                                         "train": suite.train}, gpus=gpus))
                 evals.append(Trial(f"agent/{fam.label}/{agent.name}/s{seed}", "agent", fam.label, agent.name, seed,
                                    {**evaluation, "train_trial": tid}, depends=(tid,)))
         for method in suite.baselines:

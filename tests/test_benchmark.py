@@ -245,3 +245,76 @@ def test_smoke_suite_runs_on_ray_and_its_report_matches_its_trials(tmp_path, ray
     per_task = [np.mean([1.0 if a < cosine[j] else 0.5 if a == cosine[j] else 0.0 for a in scores[:, j]])
                 for j in range(scores.shape[1])]
     assert rep["probability_of_improvement"]["ppo vs cosine"]["overall"]["poi"] == pytest.approx(np.mean(per_task))
+
+
+# ----------------------------------------------------------------------------- agents trained on a problem suite
+def _suite_file(tmp_path: Path) -> Path:
+    """A two-family training suite of tiny problems (small and tutorial)."""
+    path = tmp_path / "train-suite.yml"
+    path.write_text(yaml.safe_dump({"name": "two", "entries": [
+        {"problem": "small", "problem_params": {"m": 40, "n": 12, "rank": 2, "target_factor": 1.1, "budget": 12}},
+        {"problem": "tutorial", "problem_params": {"budget": 12}}]}))
+    return path
+
+
+RELATIVE_ENV = {"action_mode": "relative", "obs_features": ["loss", "epoch", "grad_norm", "lr_rel", "loss_slope"],
+                "reward": {"kind": "progress"}}
+
+
+def test_agents_trained_on_a_suite_expand_to_shared_and_leave_one_out_trainings(tmp_path):
+    train_on = str(_suite_file(tmp_path))
+    doc = {"families": {"toy": {"problem": "small", "params": {"m": 40, "n": 12, "rank": 2}},
+                        "tut": {"problem": "tutorial"}, "ill": {"problem": "illcond"}},
+           "seeds": [0, 1], "baselines": ["cosine"],
+           "agents": {"gen": {"train_on": train_on, "env_kwargs": RELATIVE_ENV},
+                      "lofo": {"train_on": train_on, "leave_out": True, "env_kwargs": RELATIVE_ENV},
+                      "own": {"families": ["tut"]}}}
+    trials = {t.id: t for t in expand(parse_suite(doc))}
+    train = sorted(i for i, t in trials.items() if t.kind == "train")
+    assert train == ["train/suite-train-suite/gen/s0", "train/suite-train-suite/gen/s1",
+                     # illcond is not in the training suite: it is scored by the whole suite's training
+                     "train/suite-train-suite/lofo/s0", "train/suite-train-suite/lofo/s1",
+                     "train/toy/lofo/s0", "train/toy/lofo/s1", "train/tut/lofo/s0", "train/tut/lofo/s1",
+                     "train/tut/own/s0", "train/tut/own/s1"]
+    assert trials["train/toy/lofo/s0"].spec["env_kwargs"]["exclude"] == ["small"]
+    assert trials["train/tut/lofo/s1"].spec["env_kwargs"]["exclude"] == ["tutorial"]
+    assert "exclude" not in trials["train/suite-train-suite/lofo/s0"].spec["env_kwargs"]
+    assert trials["agent/ill/lofo/s0"].depends == ("train/suite-train-suite/lofo/s0",)
+    assert trials["train/suite-train-suite/gen/s0"].spec["problem"] == train_on
+    # the shared training serves every family; the agent scored per family
+    for fam in ("toy", "tut", "ill"):
+        assert trials[f"agent/{fam}/gen/s1"].depends == ("train/suite-train-suite/gen/s1",)
+    assert trials["agent/tut/lofo/s0"].depends == ("train/tut/lofo/s0",)
+    assert {i for i in trials if i.startswith("agent/") and "/own/" in i} == {"agent/tut/own/s0", "agent/tut/own/s1"}
+
+
+def test_agent_scope_errors_name_the_problem(tmp_path):
+    base = {"families": {"toy": {"problem": "small"}}, "baselines": ["cosine"]}
+    with pytest.raises(ValueError, match=r"agent 'a': families \['digits'\] are not in the suite \(its families: toy\)"):
+        parse_suite({**base, "agents": {"a": {"families": ["digits"]}}})
+    with pytest.raises(ValueError, match="agent 'a': 'leave_out' needs 'train_on'"):
+        parse_suite({**base, "agents": {"a": {"leave_out": True}}})
+    with pytest.raises(ValueError, match="agent 'a': 'train_on' is a problem suite.*got 'small'"):
+        parse_suite({**base, "agents": {"a": {"train_on": "small"}}})
+    with pytest.raises(ValueError, match="agent 'a': train_on 'suite:nope'"):
+        parse_suite({**base, "agents": {"a": {"train_on": "suite:nope"}}})
+    one = tmp_path / "one.yml"
+    one.write_text(yaml.safe_dump({"entries": ["small"]}))
+    with pytest.raises(ValueError, match="leaving 'small' out of .* leaves nothing to train on"):
+        expand(parse_suite({**base, "agents": {"a": {"train_on": str(one), "leave_out": True}}}))
+
+
+def test_leave_one_family_out_benchmark_runs_end_to_end(tmp_path):
+    """Train on a suite without the tested family, score on it, report: the policy never saw that family."""
+    train_on = str(_suite_file(tmp_path))
+    ppo = ["n_timesteps:128", "n_envs:2", "n_steps:64", "batch_size:64", "n_epochs:1"]
+    doc = {**TINY, "families": {"toy": TINY["families"]["toy"], "tut": {"problem": "tutorial", "budget": 12}},
+           "agents": {"lofo": {"train_on": train_on, "leave_out": True, "overrides": ppo, "env_kwargs": RELATIVE_ENV}},
+           "baselines": ["fixed-c=1", "cosine"]}
+    result = run_benchmark(parse_suite(doc, name="lofo"), tmp_path / "out", local=True, progress=False)
+    assert not result.failed, result.failed
+    for fam, left_out in (("toy", "small"), ("tut", "tutorial")):
+        config = json.loads(next((tmp_path / "out" / f"train/{fam}/lofo/s0/run").rglob("config.json")).read_text())
+        assert [e["problem"] for e in config["suite"]["entries"]] == [p for p in ("small", "tutorial") if p != left_out]
+        assert config["suite"]["excluded"] == [left_out]
+    assert set(result.report["scores"]["epochs"]["per_family"]["tut"]) >= {"lofo", BEST_FIXED, "cosine"}
