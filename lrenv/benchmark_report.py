@@ -4,8 +4,10 @@ TensorBoard HParams view (one row per trial).
 
 Scores (lower is better), per method and test instance:
 
-``epochs``      epochs to target / the best fixed-c schedule's on the same instance. A run that misses the target
-                counts ``penalty x budget`` epochs (and at least 1 epoch, so a start below the target is not 0/0).
+``epochs``      epochs to target / the best fixed-c schedule's on the same instance. A line search's extra loss
+                evaluations (Armijo's trial steps, ``extra_loss_evals``) count as epochs, one each: the work a
+                method spends beyond one epoch per step is not free. A run that misses the target counts
+                ``penalty x budget`` epochs (and at least 1 epoch, so a start below the target is not 0/0).
 ``final_loss``  final loss / the best fixed-c schedule's final loss on the same instance; a diverged or
                 non-finite run counts ``DIVERGED_LOSS x`` its initial loss.
 
@@ -73,10 +75,12 @@ def import_rliable() -> tuple[Any, Any]:
 
 # ----------------------------------------------------------------------------- scores
 def epochs_value(row: dict, budget: int, penalty: float) -> float:
-    """Epochs to target of one run, ``penalty x budget`` when missed, at least 1."""
+    """Epochs to target of one run plus its extra loss evaluations (one epoch each), ``penalty x budget`` when
+    missed, at least 1."""
     ett = row["epochs_to_target"]
     reached = bool(row["reached_target"]) and isinstance(ett, (int, float)) and math.isfinite(ett)
-    return max(float(ett) if reached else penalty * budget, 1.0)
+    extra = float(row.get("extra_loss_evals") or 0.0)
+    return max(float(ett) + extra if reached else penalty * budget, 1.0)
 
 
 def final_loss_value(row: dict) -> float:

@@ -128,6 +128,10 @@ def test_score_rules():
     row = {"epochs_to_target": 0.0, "reached_target": True, "final_loss": 3.0, "diverged": False, "initial_loss": 5.0}
     assert epochs_value(row, 50, 2.0) == 1.0  # a start below the target counts one epoch, not 0/0
     assert epochs_value({**row, "reached_target": False, "epochs_to_target": math.nan}, 50, 2.0) == 100.0
+    # a line search's extra loss evaluations count as epochs (issue 12: "its extra evaluations counted as epochs")
+    assert epochs_value({**row, "epochs_to_target": 20.0, "extra_loss_evals": 35}, 50, 2.0) == 55.0
+    assert epochs_value({**row, "reached_target": False, "epochs_to_target": math.nan, "extra_loss_evals": 35},
+                        50, 2.0) == 100.0
     assert final_loss_value({**row, "diverged": True, "final_loss": math.nan}) == 500.0
 
 
