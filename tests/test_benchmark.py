@@ -45,7 +45,7 @@ def test_suite_errors_name_the_problem():
         parse_suite({**base, "families": {"small": {"budget": 0}}})
     with pytest.raises(ValueError, match="unknown suite 'smok'.*shipped suites are core, core-lite, smoke"):
         load_suite("smok")
-    for name in ("variants-small", "variants-small-long", "variants-families", "variants-lofo", "variants-sales", "variants-small-pf"):  # issue 12 searches
+    for name in ("variants-small", "variants-small-long", "variants-families", "variants-lofo", "variants-sales", "variants-small-pf", "variants-illcond"):  # issue 12 searches
         suite = load_suite(name)
         assert len(suite.agents) >= 1 and len(suite.seeds) >= 5
 
