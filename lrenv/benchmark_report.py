@@ -410,7 +410,12 @@ def build_report(out_dir: str | os.PathLike, suite: dict, records: list[dict], *
             poi[key] = {"overall": probability_of_improvement(mats[a], mats[b], reps=poi_reps, seed=seed),
                         "per_family": {f: probability_of_improvement(mats[a][:, columns[f]], mats[b][:, columns[f]],
                                                                      reps=None)["poi"] for f in fam_labels}}
+    # where the target is out of reach every run scores the same epochs: there the final loss tells them apart
+    fl = sm["matrices"]["final_loss"]
+    poi_fl = {f"{a} vs {b}": {f: probability_of_improvement(fl[a][:, columns[f]], fl[b][:, columns[f]], reps=None)["poi"]
+                              for f in fam_labels} for a in agents for b in [BEST_FIXED, *others]}
     result["probability_of_improvement"] = poi
+    result["probability_of_improvement_final_loss"] = poi_fl
     prof = performance_profiles({m: mats[m] for m in main}, reps=min(reps, 1000), seed=seed)
     result["performance_profile"] = {"tau": TAUS.tolist(),
                                      "fraction_leq_tau": {m: v.tolist() for m, v in prof[0].items()}}
@@ -525,6 +530,11 @@ def _markdown(suite: dict, main: list[str], fixed: list[str], fams: list[str], r
             f"{o['poi']:.3f}" + (f" [{o['ci95'][0]:.3f}, {o['ci95'][1]:.3f}]" if math.isfinite(o["ci95"][0]) else ""))
         lines.append(f"| {key} | {cell} | " + " | ".join(
             "–" if not math.isfinite(v["per_family"][f]) else f"{v['per_family'][f]:.3f}" for f in fams) + " |")
+    lines += ["", "## Probability of improvement on the final loss (P(agent ends lower than baseline), ties 1/2; what "
+              "counts in a family whose target is out of reach)", "", "| agent vs baseline | " + " | ".join(fams) + " |",
+              "|---|" + "---|" * len(fams)]
+    for key, v in result["probability_of_improvement_final_loss"].items():
+        lines.append(f"| {key} | " + " | ".join("–" if not math.isfinite(v[f]) else f"{v[f]:.3f}" for f in fams) + " |")
     lines += ["", "## Every fixed-c schedule (IQM epochs / best fixed-c)", "", "| method | overall | "
               + " | ".join(fams) + " |", "|---|---|" + "---|" * len(fams)]
     for m in fixed:

@@ -118,6 +118,9 @@ def test_report_numbers_match_a_hand_computation(tmp_path):
     fl = rep["scores"]["final_loss"]["overall"]
     assert rep["normaliser"]["toy"]["final_loss"] == "fixed c=0.5"  # finals 1,1,1,1 beat 2,2,4,8 in geometric mean
     assert fl["cosine"]["iqm"] == pytest.approx(1.0)  # 1, 1, 1, 1000 -> middle two are 1
+    # PoI on the final loss (the score of a family whose target is out of reach): ppo ends at 1 everywhere, cosine at
+    # 1, 1, 1 and diverged (1000): ties 1/2, then a win -> (3 x .5 + 1) / 4
+    assert rep["probability_of_improvement_final_loss"]["ppo vs cosine"]["toy"] == pytest.approx(0.625)
     assert rep["success_rate"]["ppo"] == pytest.approx(7 / 8)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["scores"]["epochs"]["overall"]["ppo"]["iqm"] == pytest.approx(0.75)
