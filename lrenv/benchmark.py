@@ -241,7 +241,8 @@ def _training_problem(agent: Agent, fam: Family) -> tuple[str, dict]:
         if held == {fam.problem}:
             raise ValueError(f"agent {agent.name!r}: leaving {fam.problem!r} out of {agent.train_on!r} leaves "
                              "nothing to train on")
-        excluded = sorted({*agent.env_kwargs.get("exclude", []), fam.problem})
+        given = agent.env_kwargs.get("exclude") or []
+        excluded = sorted({*([given] if isinstance(given, str) else given), fam.problem})
         return fam.label, {**spec, "env_kwargs": {**agent.env_kwargs, "exclude": excluded}}
     return problem_label(agent.train_on), spec
 

@@ -284,6 +284,9 @@ def test_agents_trained_on_a_suite_expand_to_shared_and_leave_one_out_trainings(
                      "train/toy/lofo/s0", "train/toy/lofo/s1", "train/tut/lofo/s0", "train/tut/lofo/s1",
                      "train/tut/own/s0", "train/tut/own/s1"]
     assert trials["train/toy/lofo/s0"].spec["env_kwargs"]["exclude"] == ["small"]
+    doc["agents"]["lofo"]["env_kwargs"] = {**RELATIVE_ENV, "exclude": "illcond"}  # one name as a string: kept whole
+    assert {t.id: t for t in expand(parse_suite(doc))}["train/toy/lofo/s0"].spec["env_kwargs"]["exclude"] == [
+        "illcond", "small"]
     assert trials["train/tut/lofo/s1"].spec["env_kwargs"]["exclude"] == ["tutorial"]
     assert "exclude" not in trials["train/suite-train-suite/lofo/s0"].spec["env_kwargs"]
     assert trials["agent/ill/lofo/s0"].depends == ("train/suite-train-suite/lofo/s0",)
