@@ -15,7 +15,8 @@ loss reaches the instance's target or diverges.
   ``dog`` / ``ldog`` (dog-optimizer). A missing package makes :func:`applicability` give a one-line
   reason, so the harness skips the method with a note. :func:`run_solvers` runs the instances of an evaluation
   together: their minibatch gradients in batched products, one optimizer object per instance (so the optimizers'
-  global statistics stay per instance); the same trajectories as one at a time.
+  global statistics stay per instance) — except Adam, whose update :class:`_BatchedAdam` applies to all
+  instances at once (torch's arithmetic, a learning rate per instance); the same trajectories as one at a time.
 - ``hals`` / ``als-masked``: :func:`lrenv.reference.hals` (non-negative families without
   regularisation, masked or not) and :func:`lrenv.reference.masked_als` (alternating non-negative --
   or, for signed families, plain -- least squares over the observed entries; the reference for
@@ -49,6 +50,9 @@ from .metrics import Trace
 from .problems import reset_seed, split_seeds
 
 BASELINES_EXTRA = 'pip install "lrenv[baselines]"'
+BATCHED_RULES = True
+"""Run Adam through :class:`_BatchedAdam` (all instances in one update) where its options allow; False: one
+torch.optim.Adam per instance, the reference path (tests compare the two)."""
 _Made = tuple[torch.optim.Optimizer, dict]
 """An optimizer and the notes to record about it."""
 
@@ -251,6 +255,51 @@ class _Recorder:
 
 
 # ----------------------------------------------------------------------------- torch optimizers
+ADAM_BATCHED_OPTIONS = frozenset({"lr_rel", "patience", "factor", "betas", "eps"})
+"""Adam options the batched rule (:class:`_BatchedAdam`) reproduces; any other (weight_decay, amsgrad, ...) runs
+torch.optim.Adam objects, one per instance."""
+
+
+class _BatchedAdam:
+    """``torch.optim.Adam`` (its single-tensor CPU path: no weight decay, amsgrad, maximize) for ``B`` instances
+    in a few tensor operations per step instead of one ``step()`` per instance, with a learning rate per instance
+    (each has its own ReduceLROnPlateau). The same arithmetic in the same order as torch's, so the trajectories
+    are those of one optimizer per instance (a test compares them); state for all instances, updated for the
+    active ones. ``holders[b]``: a parameterless stand-in optimizer carrying instance ``b``'s lr, so that
+    ReduceLROnPlateau and the trace's lr column work on it unchanged."""
+
+    def __init__(self, params: list[torch.Tensor], lrs: list[float], betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, (self.beta1, self.beta2), self.eps = params, betas, float(eps)
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.steps = 0
+        self.holders = [torch.optim.SGD([torch.zeros(1, dtype=params[0].dtype, requires_grad=True)], lr=lr)
+                        for lr in lrs]
+
+    def step(self, grads: list[torch.Tensor], active: list[int], at: torch.Tensor, every: bool) -> None:
+        """One step of the ``active`` instances (``at`` as a tensor; ``every``: all of them) with their gradients
+        ``grads`` (one per parameter, rows in ``active`` order). Active instances have all taken the same number
+        of steps: they start together and a stopped one never steps again."""
+        self.steps += 1
+        bc1 = 1 - self.beta1 ** self.steps
+        bc2_sqrt = (1 - self.beta2 ** self.steps) ** 0.5
+        lr = torch.tensor([self.holders[b].param_groups[0]["lr"] for b in active], dtype=self.params[0].dtype)
+        for p, m_all, v_all, g in zip(self.params, self.exp_avg, self.exp_avg_sq, grads):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            m = m_all if every else m_all.index_select(0, at)
+            v = v_all if every else v_all.index_select(0, at)
+            m.lerp_(g, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            update = (m * (-(lr / bc1)).reshape(shape)).div_(denom)  # addcdiv's order: (value * m) / denom
+            if every:
+                p.add_(update)
+            else:
+                p.index_add_(0, at, update)
+                m_all.index_copy_(0, at, m)
+                v_all.index_copy_(0, at, v)
+
+
 def _effective_lr(opt: torch.optim.Optimizer) -> float:
     """The step size the optimizer applies now (first parameter group), for the trace's lr column:
     D-Adaptation/Prodigy's ``d * lr`` (SGD form: ``/ ||g_0||``), DoG's ``eta``, else ``lr``."""
@@ -276,7 +325,8 @@ def _torch_opt(probs: list[_Problem], recs: list[_Recorder], rngs: list[np.rando
     gradient, and non-negative families are projected after every step. The factors of all instances are
     stacked, ``(B, m, r)`` and ``(B, r, n)``; every instance has **its own optimizer object** over views of
     them (in-place updates write through; ``.grad`` is a view of the batched gradient), so optimizers with
-    global statistics (Prodigy, D-Adaptation, DoG, schedule-free) stay per instance and exact. Schedule-
+    global statistics (Prodigy, D-Adaptation, DoG, schedule-free) stay per instance and exact; Adam, which has
+    none, steps all instances in one update (:class:`_BatchedAdam`, unless an option it does not reproduce is set). Schedule-
     free optimizers (``train()``/``eval()``) are projected on both of their sequences and scored at the
     averaged iterate. Adam (only) reduces its lr on plateaus of the epoch loss (``patience``, ``factor``),
     per instance; other ``options`` go to the optimizer's constructor. An instance that stops (target,
@@ -302,7 +352,13 @@ def _torch_opt(probs: list[_Problem], recs: list[_Recorder], rngs: list[np.rando
         opt, note = TORCH_OPTIMIZERS[name].make(Wv[b], Hv[b], probs[b], o)
         opts.append(opt)
         notes.append(note)
-        plateaus.append(torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", **plateau_kw)
+    batched = None
+    if name == "adam" and set(options) <= ADAM_BATCHED_OPTIONS and BATCHED_RULES:
+        group = opts[0].param_groups[0]
+        batched = _BatchedAdam([W, H], [n["lr0"] for n in notes], betas=group["betas"], eps=group["eps"])
+        opts = batched.holders  # the lr each instance's ReduceLROnPlateau lowers
+    for b in range(B):
+        plateaus.append(torch.optim.lr_scheduler.ReduceLROnPlateau(opts[b], mode="min", **plateau_kw)
                         if plateau_kw is not None else None)
     schedule_free = callable(getattr(opts[0], "eval", None)) and callable(getattr(opts[0], "train", None))
     if schedule_free:
@@ -362,9 +418,12 @@ def _torch_opt(probs: list[_Problem], recs: list[_Recorder], rngs: list[np.rando
             if pinned:
                 gW.mul_(pick(fW))
                 gH.mul_(pick(fH))
-            for i, b in enumerate(active):
-                Wv[b].grad, Hv[b].grad = gW[i], gH[i]
-                opts[b].step()
+            if batched is not None:
+                batched.step([gW, gH], active, at, every)
+            else:
+                for i, b in enumerate(active):
+                    Wv[b].grad, Hv[b].grad = gW[i], gH[i]
+                    opts[b].step()
             if probs[0].nonneg:
                 project(active)
         if schedule_free:

@@ -5,6 +5,7 @@ optimizers run together with batched gradients and one optimizer per instance.""
 import importlib.util
 
 import numpy as np
+import torch
 import pytest
 
 from lrenv.batch_eval import run_batched
@@ -102,3 +103,40 @@ def test_run_solvers_chunks_and_checks_its_arguments():
         run_solvers("adam", kw, [0], max_batch=0)
     with pytest.raises(ValueError, match="unknown solver"):
         run_solvers("adamw", kw, [0])
+
+
+@pytest.mark.parametrize("problem, params, budget", [("small", SMALL["problem_params"], 60), ("tutorial", {}, 40),
+                                                     ("sales", dict(products=300, stores=100), 40)])
+def test_batched_adam_rule_is_torch_adam_per_instance(monkeypatch, problem, params, budget):
+    """The batched Adam update (all instances in one step, lr per instance) against one torch.optim.Adam per
+    instance: identical trajectories and lr histories, with instances stopping at different epochs (frozen slots)
+    and ReduceLROnPlateau lowering each instance's lr on its own; masked, regularised and pinned families too."""
+    import lrenv.solvers as solvers
+    kw = {"problem": problem, "problem_params": params, "budget": budget}
+    fast = run_solvers("adam", kw, [0, 1, 2, 3], options={"lr_rel": 0.3, "patience": 2})
+    monkeypatch.setattr(solvers, "BATCHED_RULES", False)
+    ref = run_solvers("adam", kw, [0, 1, 2, 3], options={"lr_rel": 0.3, "patience": 2})
+    for a, b in zip(fast, ref):
+        assert (a.reached_target, a.diverged, len(a.loss)) == (b.reached_target, b.diverged, len(b.loss))
+        np.testing.assert_allclose(a.loss, b.loss, rtol=1e-12)
+        np.testing.assert_allclose(a.lr_W, b.lr_W, rtol=1e-12)
+    if problem == "small":
+        assert len({len(t.loss) for t in fast}) > 1  # instances stopped at different epochs
+        assert any(len(set(t.lr_W)) > 1 for t in fast)  # some lr was lowered on a plateau
+
+
+def test_adam_options_outside_the_batched_rule_run_torch_adam(monkeypatch):
+    import lrenv.solvers as solvers
+    kw = {**SMALL, "budget": 15}
+    made = []
+    real = torch.optim.Adam
+
+    class Counting(real):
+        def __init__(self, *a, **k):
+            made.append(k)
+            super().__init__(*a, **k)
+    monkeypatch.setattr(torch.optim, "Adam", Counting)
+    calls = []
+    monkeypatch.setattr(solvers._BatchedAdam, "step", lambda self, *a: calls.append(1))
+    run_solvers("adam", kw, [0, 1], options={"weight_decay": 0.1})
+    assert not calls and made and all(k.get("weight_decay") == 0.1 for k in made)
