@@ -15,8 +15,9 @@ loss reaches the instance's target or diverges.
   ``dog`` / ``ldog`` (dog-optimizer). A missing package makes :func:`applicability` give a one-line
   reason, so the harness skips the method with a note. :func:`run_solvers` runs the instances of an evaluation
   together: their minibatch gradients in batched products, one optimizer object per instance (so the optimizers'
-  global statistics stay per instance) — except Adam, whose update :class:`_BatchedAdam` applies to all
-  instances at once (torch's arithmetic, a learning rate per instance); the same trajectories as one at a time.
+  global statistics stay per instance) — except Adam, DoG and LDoG, whose updates :class:`_BatchedAdam` and
+  :class:`_BatchedDoG` apply to all instances at once (a learning rate, distance and gradient sum per instance);
+  the same trajectories as one at a time.
 - ``hals`` / ``als-masked``: :func:`lrenv.reference.hals` (non-negative families without
   regularisation, masked or not) and :func:`lrenv.reference.masked_als` (alternating non-negative --
   or, for signed families, plain -- least squares over the observed entries; the reference for
@@ -51,8 +52,9 @@ from .problems import reset_seed, split_seeds
 
 BASELINES_EXTRA = 'pip install "lrenv[baselines]"'
 BATCHED_RULES = True
-"""Run Adam through :class:`_BatchedAdam` (all instances in one update) where its options allow; False: one
-torch.optim.Adam per instance, the reference path (tests compare the two)."""
+"""Run Adam, DoG and LDoG through their batched rules (:class:`_BatchedAdam`, :class:`_BatchedDoG`: all instances
+in one update) where their options allow; False: one package optimizer per instance, the reference path (tests
+compare the two)."""
 _Made = tuple[torch.optim.Optimizer, dict]
 """An optimizer and the notes to record about it."""
 
@@ -300,6 +302,70 @@ class _BatchedAdam:
                 v_all.index_copy_(0, at, v)
 
 
+DOG_BATCHED_OPTIONS = frozenset({"reps_rel", "eps"})
+"""DoG/LDoG options the batched rule (:class:`_BatchedDoG`) reproduces (the package defaults otherwise: lr 1, no
+weight decay, no init_eta)."""
+
+
+class _EtaHolder:
+    """What :func:`_effective_lr` reads of a DoG optimizer: ``param_groups[0]`` with its ``lr`` (1, the package's
+    default) and, from the first step on, its ``eta``."""
+
+    def __init__(self):
+        self.param_groups: list[dict] = [{"lr": 1.0}]
+
+
+class _BatchedDoG:
+    """dog-optimizer's ``DoG`` (one step size for all parameters, ``layerwise=False``) and ``LDoG`` (one per
+    parameter tensor) for ``B`` instances at once: per instance ``rbar = max(reps_rel (1 + ||x_0||), max_t ||x_t -
+    x_0||)``, ``G = eps + sum_t ||g_t||^2``, step ``x -= (rbar / sqrt(G)) g`` (the package's ``lr`` 1), the norms
+    taken over W and H together (DoG) or each factor alone (LDoG), as the package does; per-instance reductions
+    in batched form. A test compares it with the package's optimizers, one per instance."""
+
+    def __init__(self, params: list[torch.Tensor], layerwise: bool, reps_rel: float = 1e-6, eps: float = 1e-8):
+        self.params, self.layerwise, self.reps_rel, self.eps = params, layerwise, float(reps_rel), float(eps)
+        B = params[0].shape[0]
+        self.init = [p.clone() for p in params]
+        self.rbar = torch.zeros(B, len(params) if layerwise else 1, dtype=params[0].dtype)
+        self.G = torch.zeros_like(self.rbar)
+        self.started = False
+        self.holders = [_EtaHolder() for _ in range(B)]
+
+    def _combine(self, per_param: torch.Tensor, square: bool) -> torch.Tensor:
+        """(A, P) per-parameter norms (``square``: squared sums) -> (A, P) for LDoG, or (A, 1) over all of them."""
+        if self.layerwise:
+            return per_param
+        return per_param.sum(dim=1, keepdim=True) if square else per_param.norm(dim=1, keepdim=True)
+
+    def step(self, grads: list[torch.Tensor], active: list[int], at: torch.Tensor, every: bool) -> None:
+        pick = (lambda t: t) if every else (lambda t: t.index_select(0, at))  # noqa: E731
+        flat = lambda t: t.reshape(t.shape[0], -1)  # noqa: E731
+        g2 = self._combine(torch.stack([flat(g).square().sum(dim=1) for g in grads], dim=1), square=True)
+        if not self.started:  # every instance takes its first step together
+            x_norm = torch.stack([torch.linalg.vector_norm(flat(pick(p)), dim=1) for p in self.params], dim=1)
+            rbar = self.reps_rel * (1 + self._combine(x_norm, square=False))
+            G = g2 + self.eps
+            self.started = True
+        else:
+            d = torch.stack([torch.linalg.vector_norm(flat(pick(p) - pick(p0)), dim=1)
+                             for p, p0 in zip(self.params, self.init)], dim=1)
+            rbar = torch.maximum(pick(self.rbar), self._combine(d, square=False))
+            G = pick(self.G) + g2
+        if every:
+            self.rbar, self.G = rbar, G
+        else:
+            self.rbar[at], self.G[at] = rbar, G
+        eta = rbar / torch.sqrt(G)  # (A, P or 1)
+        for j, (p, g) in enumerate(zip(self.params, grads)):
+            e = eta[:, j if self.layerwise else 0].reshape((-1,) + (1,) * (p.dim() - 1))
+            if every:
+                p.sub_(g * e)
+            else:
+                p.index_add_(0, at, g * -e)
+        for i, b in enumerate(active):
+            self.holders[b].param_groups[0]["eta"] = [float(v) for v in eta[i]]
+
+
 def _effective_lr(opt: torch.optim.Optimizer) -> float:
     """The step size the optimizer applies now (first parameter group), for the trace's lr column:
     D-Adaptation/Prodigy's ``d * lr`` (SGD form: ``/ ||g_0||``), DoG's ``eta``, else ``lr``."""
@@ -325,8 +391,9 @@ def _torch_opt(probs: list[_Problem], recs: list[_Recorder], rngs: list[np.rando
     gradient, and non-negative families are projected after every step. The factors of all instances are
     stacked, ``(B, m, r)`` and ``(B, r, n)``; every instance has **its own optimizer object** over views of
     them (in-place updates write through; ``.grad`` is a view of the batched gradient), so optimizers with
-    global statistics (Prodigy, D-Adaptation, DoG, schedule-free) stay per instance and exact; Adam, which has
-    none, steps all instances in one update (:class:`_BatchedAdam`, unless an option it does not reproduce is set). Schedule-
+    global statistics (Prodigy, D-Adaptation, schedule-free) stay per instance and exact; Adam, DoG and LDoG step
+    all instances in one update (:class:`_BatchedAdam`, :class:`_BatchedDoG`, unless an option they do not
+    reproduce is set). Schedule-
     free optimizers (``train()``/``eval()``) are projected on both of their sequences and scored at the
     averaged iterate. Adam (only) reduces its lr on plateaus of the epoch loss (``patience``, ``factor``),
     per instance; other ``options`` go to the optimizer's constructor. An instance that stops (target,
@@ -357,6 +424,9 @@ def _torch_opt(probs: list[_Problem], recs: list[_Recorder], rngs: list[np.rando
         group = opts[0].param_groups[0]
         batched = _BatchedAdam([W, H], [n["lr0"] for n in notes], betas=group["betas"], eps=group["eps"])
         opts = batched.holders  # the lr each instance's ReduceLROnPlateau lowers
+    elif name in ("dog", "ldog") and set(options) <= DOG_BATCHED_OPTIONS and BATCHED_RULES:
+        batched = _BatchedDoG([W, H], layerwise=name == "ldog", **options)
+        opts = batched.holders
     for b in range(B):
         plateaus.append(torch.optim.lr_scheduler.ReduceLROnPlateau(opts[b], mode="min", **plateau_kw)
                         if plateau_kw is not None else None)

@@ -105,22 +105,27 @@ def test_run_solvers_chunks_and_checks_its_arguments():
         run_solvers("adamw", kw, [0])
 
 
+RULES = [("adam", {"lr_rel": 0.3, "patience": 2})] + [(n, {}) for n in ("dog", "ldog") if n in INSTALLED]
+
+
+@pytest.mark.parametrize("name, options", RULES, ids=[n for n, _ in RULES])
 @pytest.mark.parametrize("problem, params, budget", [("small", SMALL["problem_params"], 60), ("tutorial", {}, 40),
                                                      ("sales", dict(products=300, stores=100), 40)])
-def test_batched_adam_rule_is_torch_adam_per_instance(monkeypatch, problem, params, budget):
-    """The batched Adam update (all instances in one step, lr per instance) against one torch.optim.Adam per
-    instance: identical trajectories and lr histories, with instances stopping at different epochs (frozen slots)
-    and ReduceLROnPlateau lowering each instance's lr on its own; masked, regularised and pinned families too."""
+def test_batched_rules_are_the_package_optimizers_per_instance(monkeypatch, name, options, problem, params, budget):
+    """The batched updates (all instances in one step) against one package optimizer per instance (torch.optim.Adam,
+    dog's DoG/LDoG): the same trajectories and lr histories to rounding, with instances stopping at different epochs
+    (frozen slots), Adam's ReduceLROnPlateau lowering each instance's lr on its own, DoG's per-instance distance
+    and gradient sums; masked, regularised and pinned families too."""
     import lrenv.solvers as solvers
     kw = {"problem": problem, "problem_params": params, "budget": budget}
-    fast = run_solvers("adam", kw, [0, 1, 2, 3], options={"lr_rel": 0.3, "patience": 2})
+    fast = run_solvers(name, kw, [0, 1, 2, 3], options=options)
     monkeypatch.setattr(solvers, "BATCHED_RULES", False)
-    ref = run_solvers("adam", kw, [0, 1, 2, 3], options={"lr_rel": 0.3, "patience": 2})
+    ref = run_solvers(name, kw, [0, 1, 2, 3], options=options)
     for a, b in zip(fast, ref):
         assert (a.reached_target, a.diverged, len(a.loss)) == (b.reached_target, b.diverged, len(b.loss))
-        np.testing.assert_allclose(a.loss, b.loss, rtol=1e-12)
-        np.testing.assert_allclose(a.lr_W, b.lr_W, rtol=1e-12)
-    if problem == "small":
+        np.testing.assert_allclose(a.loss, b.loss, rtol=1e-10)
+        np.testing.assert_allclose(a.lr_W, b.lr_W, rtol=1e-10)
+    if problem == "small" and name == "adam":
         assert len({len(t.loss) for t in fast}) > 1  # instances stopped at different epochs
         assert any(len(set(t.lr_W)) > 1 for t in fast)  # some lr was lowered on a plateau
 
