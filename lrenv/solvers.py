@@ -15,9 +15,10 @@ loss reaches the instance's target or diverges.
   ``dog`` / ``ldog`` (dog-optimizer). A missing package makes :func:`applicability` give a one-line
   reason, so the harness skips the method with a note. :func:`run_solvers` runs the instances of an evaluation
   together: their minibatch gradients in batched products, one optimizer object per instance (so the optimizers'
-  global statistics stay per instance) — except Adam, DoG and LDoG, whose updates :class:`_BatchedAdam` and
-  :class:`_BatchedDoG` apply to all instances at once (a learning rate, distance and gradient sum per instance);
-  the same trajectories as one at a time.
+  global statistics stay per instance) — except Adam, DoG/LDoG and schedule-free SGD, whose updates
+  :class:`_BatchedAdam`, :class:`_BatchedDoG` and :class:`_BatchedScheduleFree` apply to all instances at once
+  (learning rates, distances, gradient sums and averaging weights per instance); the same trajectories as one at a
+  time.
 - ``hals`` / ``als-masked``: :func:`lrenv.reference.hals` (non-negative families without
   regularisation, masked or not) and :func:`lrenv.reference.masked_als` (alternating non-negative --
   or, for signed families, plain -- least squares over the observed entries; the reference for
@@ -52,8 +53,8 @@ from .problems import reset_seed, split_seeds
 
 BASELINES_EXTRA = 'pip install "lrenv[baselines]"'
 BATCHED_RULES = True
-"""Run Adam, DoG and LDoG through their batched rules (:class:`_BatchedAdam`, :class:`_BatchedDoG`: all instances
-in one update) where their options allow; False: one package optimizer per instance, the reference path (tests
+"""Run Adam, DoG/LDoG and schedule-free SGD through their batched rules (:class:`_BatchedAdam`, :class:`_BatchedDoG`,
+:class:`_BatchedScheduleFree`: all instances in one update) where their options allow; False: one package optimizer per instance, the reference path (tests
 compare the two)."""
 _Made = tuple[torch.optim.Optimizer, dict]
 """An optimizer and the notes to record about it."""
@@ -366,6 +367,85 @@ class _BatchedDoG:
             self.holders[b].param_groups[0]["eta"] = [float(v) for v in eta[i]]
 
 
+class _LrHolder:
+    """What :func:`_effective_lr` reads of a schedule-free optimizer: its first group's ``lr`` and ``scheduled_lr``
+    (0 before the first step, as the package's)."""
+
+    def __init__(self, lr: float):
+        self.param_groups: list[dict] = [{"lr": lr, "scheduled_lr": 0.0}]
+
+
+class _BatchedScheduleFree:
+    """schedulefree's ``SGDScheduleFree`` with one parameter group per factor (lr per factor and instance) and its
+    defaults (no warmup, r 0, weight_lr_power 2, no weight decay), for ``B`` instances at once. Per group, with the
+    constant lr: ``c = w / sum w`` (``w = lr^2``, the package's float arithmetic, kept per instance on the host),
+    ``y <- lerp(y, z, c)``, ``y += lr (beta (1 - c) - 1) g``, ``z -= lr g``; ``eval``/``train`` move the stored
+    ``y`` to the average ``x`` and back. A test compares it with the package's optimizers, one per instance."""
+
+    def __init__(self, params: list[torch.Tensor], lrs: list[list[float]], momentum: float):
+        self.params, self.momentum = params, float(momentum)
+        self.lr = np.asarray(lrs, dtype=np.float64)  # (B, P)
+        self.weight_sum = np.zeros_like(self.lr)
+        self.z: list[torch.Tensor] | None = None  # created at the first step, as the package does
+        self.holders = [_LrHolder(float(lr[0])) for lr in lrs]
+
+    def _rows(self, at: torch.Tensor, every: bool, fn) -> None:
+        """Apply ``fn(y, z)`` in place to the active rows of every parameter and its ``z``."""
+        for p, z_all in zip(self.params, self.z or []):
+            if every:
+                fn(p, z_all)
+                continue
+            y, z = p.index_select(0, at), z_all.index_select(0, at)
+            fn(y, z)
+            p.index_copy_(0, at, y)
+            z_all.index_copy_(0, at, z)
+
+    def eval(self, at: torch.Tensor, every: bool) -> None:
+        self._rows(at, every, lambda y, z: y.lerp_(z, 1 - 1 / self.momentum))
+
+    def train(self, at: torch.Tensor, every: bool) -> None:
+        self._rows(at, every, lambda y, z: y.lerp_(z, 1 - self.momentum))
+
+    def project(self, at: torch.Tensor, every: bool) -> None:
+        """Project the average ``x`` and ``z`` onto >= 0 and rebuild ``y`` (the per-instance loop's eval, clamp,
+        train)."""
+        self.eval(at, every)
+        if self.z is None:
+            for p in self.params:
+                if every:
+                    p.clamp_(min=0)
+                else:
+                    p.index_copy_(0, at, p.index_select(0, at).clamp_(min=0))
+        else:
+            self._rows(at, every, lambda y, z: (y.clamp_(min=0), z.clamp_(min=0)))
+        self.train(at, every)
+
+    def step(self, grads: list[torch.Tensor], active: list[int], at: torch.Tensor, every: bool) -> None:
+        if self.z is None:
+            self.z = [p.clone() for p in self.params]
+        a = np.asarray(active)
+        lr = self.lr[a]
+        weight = 1.0 * lr ** 2  # ((k + 1) ** r) * lr_max ** weight_lr_power with r 0 and a constant lr
+        self.weight_sum[a] = self.weight_sum[a] + weight
+        ckp1 = weight / self.weight_sum[a]
+        alpha = lr * (self.momentum * (1 - ckp1) - 1)
+        dtype = self.params[0].dtype
+        for j, (p, z_all, g) in enumerate(zip(self.params, self.z, grads)):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            col = lambda v: torch.as_tensor(v[:, j], dtype=dtype).reshape(shape)  # noqa: E731
+            c, al, step = col(ckp1), col(alpha), col(lr)
+            y = p if every else p.index_select(0, at)
+            z = z_all if every else z_all.index_select(0, at)
+            y.lerp_(z, c)
+            y.add_(g * al)
+            z.sub_(g * step)
+            if not every:
+                p.index_copy_(0, at, y)
+                z_all.index_copy_(0, at, z)
+        for b in active:
+            self.holders[b].param_groups[0]["scheduled_lr"] = float(self.lr[b, 0])
+
+
 def _effective_lr(opt: torch.optim.Optimizer) -> float:
     """The step size the optimizer applies now (first parameter group), for the trace's lr column:
     D-Adaptation/Prodigy's ``d * lr`` (SGD form: ``/ ||g_0||``), DoG's ``eta``, else ``lr``."""
@@ -391,9 +471,9 @@ def _torch_opt(probs: list[_Problem], recs: list[_Recorder], rngs: list[np.rando
     gradient, and non-negative families are projected after every step. The factors of all instances are
     stacked, ``(B, m, r)`` and ``(B, r, n)``; every instance has **its own optimizer object** over views of
     them (in-place updates write through; ``.grad`` is a view of the batched gradient), so optimizers with
-    global statistics (Prodigy, D-Adaptation, schedule-free) stay per instance and exact; Adam, DoG and LDoG step
-    all instances in one update (:class:`_BatchedAdam`, :class:`_BatchedDoG`, unless an option they do not
-    reproduce is set). Schedule-
+    global statistics (Prodigy, D-Adaptation) stay per instance and exact; Adam, DoG/LDoG and schedule-free SGD step
+    all instances in one update (:class:`_BatchedAdam`, :class:`_BatchedDoG`, :class:`_BatchedScheduleFree`, unless
+    an option they do not reproduce is set). Schedule-
     free optimizers (``train()``/``eval()``) are projected on both of their sequences and scored at the
     averaged iterate. Adam (only) reduces its lr on plateaus of the epoch loss (``patience``, ``factor``),
     per instance; other ``options`` go to the optimizer's constructor. An instance that stops (target,
@@ -419,6 +499,7 @@ def _torch_opt(probs: list[_Problem], recs: list[_Recorder], rngs: list[np.rando
         opt, note = TORCH_OPTIMIZERS[name].make(Wv[b], Hv[b], probs[b], o)
         opts.append(opt)
         notes.append(note)
+    schedule_free = callable(getattr(opts[0], "eval", None)) and callable(getattr(opts[0], "train", None))
     batched = None
     if name == "adam" and set(options) <= ADAM_BATCHED_OPTIONS and BATCHED_RULES:
         group = opts[0].param_groups[0]
@@ -427,11 +508,15 @@ def _torch_opt(probs: list[_Problem], recs: list[_Recorder], rngs: list[np.rando
     elif name in ("dog", "ldog") and set(options) <= DOG_BATCHED_OPTIONS and BATCHED_RULES:
         batched = _BatchedDoG([W, H], layerwise=name == "ldog", **options)
         opts = batched.holders
+    elif name == "schedulefree-sgd" and set(options) <= {"c"} and BATCHED_RULES:
+        batched = _BatchedScheduleFree([W, H], [[n["lr_W0"], n["lr_H0"]] for n in notes],
+                                       momentum=opts[0].param_groups[0]["momentum"])
+        opts = batched.holders
+    sf_batched = schedule_free and batched is not None
     for b in range(B):
         plateaus.append(torch.optim.lr_scheduler.ReduceLROnPlateau(opts[b], mode="min", **plateau_kw)
                         if plateau_kw is not None else None)
-    schedule_free = callable(getattr(opts[0], "eval", None)) and callable(getattr(opts[0], "train", None))
-    if schedule_free:
+    if schedule_free and not sf_batched:
         for opt in opts:
             opt.train()
     blocks = _minibatches(probs)  # (B, K, b) row indices, padding rows marked -1
@@ -450,6 +535,9 @@ def _torch_opt(probs: list[_Problem], recs: list[_Recorder], rngs: list[np.rando
         if not schedule_free:
             W.clamp_(min=0)  # every slot: a frozen one is no longer read
             H.clamp_(min=0)
+            return
+        if sf_batched:
+            batched.project(torch.as_tensor(active), len(active) == B)
             return
         for b in active:  # y = (1 - beta) z + beta x is stored in the parameters: project x and z, rebuild y
             opt = opts[b]
@@ -496,12 +584,16 @@ def _torch_opt(probs: list[_Problem], recs: list[_Recorder], rngs: list[np.rando
                     opts[b].step()
             if probs[0].nonneg:
                 project(active)
-        if schedule_free:
+        if sf_batched:
+            batched.eval(at, every)  # score the averaged iterate x
+        elif schedule_free:
             for b in active:
                 opts[b].eval()  # score the averaged iterate x
         Wa, Ha = pick(W).clone(), pick(H).clone()
         fit, loss = _fit_and_loss(Wa, Ha, pick(V), None if M is None else pick(M), reg, pick(fW), pick(fH))
-        if schedule_free:
+        if sf_batched:
+            batched.train(at, every)
+        elif schedule_free:
             for b in active:
                 opts[b].train()
         now = time.perf_counter()

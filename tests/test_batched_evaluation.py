@@ -105,7 +105,7 @@ def test_run_solvers_chunks_and_checks_its_arguments():
         run_solvers("adamw", kw, [0])
 
 
-RULES = [("adam", {"lr_rel": 0.3, "patience": 2})] + [(n, {}) for n in ("dog", "ldog") if n in INSTALLED]
+RULES = [("adam", {"lr_rel": 0.3, "patience": 2})] + [(n, {}) for n in ("dog", "ldog", "schedulefree-sgd") if n in INSTALLED]
 
 
 @pytest.mark.parametrize("name, options", RULES, ids=[n for n, _ in RULES])
