@@ -108,8 +108,8 @@ def greedy_oracle(problem: str = "small", *, seeds: int = 10, split: str = "test
                 break
             engine.W.copy_(engine.W[best].expand_as(engine.W))  # the chosen iterate into every slot
             engine.H.copy_(engine.H[best].expand_as(engine.H))
-            stats = engine.evaluate(episode_start=False)
-            run.loss.append(float(stats[best, 0]))
+            stats = engine.evaluate([0], episode_start=False)  # every slot holds the same iterate: one is enough
+            run.loss.append(float(stats[0, 0]))
             run.chosen.append((float(cand[best, 0]), float(cand[best, 1])))
         runs.append(run)
     return runs
