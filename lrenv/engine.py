@@ -261,6 +261,7 @@ class SGDEngine:
         self._arange = torch.arange(batch, device=cfg.device)
         self._noise_gen: list[torch.Generator | None] = [None] * batch
         self.grad_noise = torch.zeros(batch, **opts)  # last epoch's STAT_GRAD_NOISE
+        self._residual_buf: torch.Tensor | None = None  # see _residual
         self._on_gpu = torch.device(cfg.device).type != "cpu"
         # masked bounds: the exact constants (L_W, L_H, without reg) at each block's last exact computation,
         # the factors they were computed from, whether they are valid for the loaded instance, and a count of
@@ -418,8 +419,16 @@ class SGDEngine:
         return t.reshape(t.shape[0], self.cfg.padded_rows, t.shape[-1])
 
     def _residual(self, W: torch.Tensor, H: torch.Tensor, V: torch.Tensor | None = None) -> torch.Tensor:
-        """The unweighted residual W H - V, flattened to (B, rows, n)."""
-        return torch.baddbmm(self._flat(self.V if V is None else V), self._flat(W), H, beta=-1)
+        """The unweighted residual W H - V, flattened to (B, rows, n). For all slots it is written into one buffer
+        that every call reuses (a fresh tensor of this size costs a page fault per page on a CPU: half the
+        product's time at the small size), so it is valid until the next call; callers use it at once."""
+        V = self._flat(self.V if V is None else V)
+        out = self._residual_buf
+        if V.shape[0] != self.B:  # a subset of the slots: rare, a fresh tensor
+            return torch.baddbmm(V, self._flat(W), H, beta=-1)
+        if out is None or out.shape != V.shape or out.dtype != V.dtype:
+            out = self._residual_buf = torch.empty_like(V)
+        return torch.baddbmm(V, self._flat(W), H, beta=-1, out=out)
 
     def _weighted(self, D: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """M o D (a new tensor when weighted, D itself otherwise)."""

@@ -28,9 +28,11 @@ of the other metrics.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import datetime as _dt
 import difflib
+import functools
 import io
 import json
 import math
@@ -49,9 +51,10 @@ from .problems import DEFAULT_PROBLEM, SPLITS, parse_problem_params, reset_seed,
 from .schedules import (Armijo, BarzilaiBorwein, CosineDecay, FixedLR, FixedScale, PolicySchedule, Polyak,
                         RandomUnderBound, RandomWalkBound, Schedule, TwoPhase, fixed_grid, load_policy,
                         schedule_env_kwargs)
-from .batch_eval import group_key, run_batched
+from .batch_eval import MAX_BATCH, group_key, run_batched
 from .metrics import (RESULT_COLUMNS, Trace, auc_log_loss, epochs_to_target,  # noqa: F401 (re-exported)
                       trace_from_infos, trace_metrics)
+from .parallel import MAX_WORKERS, can_fork, check_workers, default_workers, fork_map
 from .solvers import TORCH_OPTIMIZERS, SolverUnavailable, applicability, run_solver, run_solvers
 
 DEFAULT_SCALES = (0.2, 0.5, 1.0, 1.1, 1.3, 1.6, 1.9)
@@ -432,7 +435,7 @@ def evaluate(methods: Iterable[Method] | str = "all", problem: str = DEFAULT_PRO
              num_blocks: int | None = None, save: bool = True, tensorboard: bool = True,
              solver_options: dict[str, dict] | None = None, verbose: bool = True,
              threads: int | None = 1, split: str = "test", batched: bool = True,
-             tuned: str | None = None) -> EvalResult:
+             tuned: str | None = None, workers: int | None = None) -> EvalResult:
     """Run every method on the instances ``SPLITS[split][:seeds]`` and score them.
 
     ``methods``: schedules, solver names or registry names (``'all'``: every method applicable to the
@@ -444,7 +447,13 @@ def evaluate(methods: Iterable[Method] | str = "all", problem: str = DEFAULT_PRO
     10-1000x; None keeps torch's setting). ``batched`` (default): the batchable schedules step all their runs
     together (:func:`lrenv.batch_eval.run_batched`) and the torch optimizers run all instances together
     (:func:`lrenv.solvers.run_solvers`); ``False`` runs every instance on its own. Same results either way.
+    ``workers``: how many of the evaluation's jobs (a batched group of runs, one method's runs) run at once, each in
+    a forked process of its own on one torch thread (None: one per available core, at most
+    :data:`lrenv.parallel.MAX_WORKERS`; jobs run one after another where :func:`lrenv.parallel.can_fork` says
+    no: a GPU, ``threads`` other than 1, no fork). The figures are drawn in the same way. The results do not
+    depend on it.
     """
+    workers = default_workers() if workers is None else check_workers(workers)
     _validate(seeds, budget, grid, split)
     methods, tuned_options = expand_tuned(methods, problem, tuned)
     solver_options = {**tuned_options, **(solver_options or {})}
@@ -456,16 +465,105 @@ def evaluate(methods: Iterable[Method] | str = "all", problem: str = DEFAULT_PRO
         with threadpool_limits(threads):  # numpy/scikit-learn BLAS threads of the outside solvers
                 return _evaluate(methods, problem, problem_params, seeds, budget, device, out_dir, progress, seed=seed,
                              grid=grid, dtype=dtype, num_blocks=num_blocks, save=save, tensorboard=tensorboard,
-                             solver_options=solver_options, verbose=verbose, split=split, batched=batched)
+                             solver_options=solver_options, verbose=verbose, split=split, batched=batched,
+                             workers=workers, threads=threads)
     finally:
         torch.set_num_threads(previous)
+
+
+GROUP_CHUNK = 2 * MAX_BATCH
+"""Runs per job of a batched group: a group larger than this is split into jobs of this many runs, so the groups
+of fixed schedules spread over the workers. Fixed, not derived from the worker count, so the results never depend
+on how many workers ran them."""
+
+
+@dataclass
+class _Job:
+    """A piece of an evaluation that runs on its own environment: ``run()`` returns its traces and notes."""
+
+    label: str
+    runs: int
+    run: Callable[[], tuple[list[Trace], list[str]]]
+    solver: bool = False
+
+
+def _jobs(runnable: Sequence[Method], instances: list[int], env_kwargs: dict, *, seed: int, split: str,
+          batched: bool, solver_options: dict[str, dict]) -> list[_Job]:
+    """The evaluation cut into independent jobs, in the order their results are assembled: batched groups of
+    schedules (every run of every method that shares env settings, :data:`GROUP_CHUNK` runs a job), then one job
+    per other method (the torch optimizers run all instances together)."""
+    together = [m for m in runnable if batched and isinstance(m, Schedule) and m.batchable]
+    groups: dict[str, list[Schedule]] = {}
+    for m in together:
+        groups.setdefault(group_key(m), []).append(m)
+    jobs: list[_Job] = []
+    for group in groups.values():
+        runs = [(m, i) for m in group for i in instances]
+        for start in range(0, len(runs), GROUP_CHUNK):
+            chunk = runs[start:start + GROUP_CHUNK]
+            label = ", ".join(dict.fromkeys(m.name for m, _ in chunk))
+
+            def job(chunk=chunk) -> tuple[list[Trace], list[str]]:
+                # a schedule's episode state is per run: jobs running at once must not share the objects
+                own = {id(m): m if isinstance(m, PolicySchedule) else copy.deepcopy(m) for m, _ in chunk}
+                return run_batched([own[id(m)] for m, _ in chunk], [i for _, i in chunk], env_kwargs, seed=seed), []
+            jobs.append(_Job(label, len(chunk), job))
+    for m in runnable:
+        if m not in together:
+            jobs.append(_Job(method_name(m), len(instances), functools.partial(
+                _run_method, m, len(instances), env_kwargs, seed=seed, split=split, batched=batched,
+                options=solver_options.get(m) if isinstance(m, str) else None), solver=True))
+    return jobs
+
+
+def _run_method(m: Method, seeds: int, env_kwargs: dict, *, seed: int, split: str, batched: bool,
+                options: dict | None) -> tuple[list[Trace], list[str]]:
+    """Every run of one method that does not share a batched engine, on an environment of its own."""
+    env = NMFEnv(**(schedule_env_kwargs(m, env_kwargs) if isinstance(m, Schedule) else env_kwargs))
+    if batched and isinstance(m, str) and m in TORCH_OPTIMIZERS:  # batched gradients, one optimizer per run
+        return run_solvers(m, env_kwargs, range(seeds), seed=seed, env=env, options=options, split=split), []
+    traces: list[Trace] = []
+    for i in range(seeds):
+        if isinstance(m, Schedule):
+            traces.append(run_schedule(m, env_kwargs, i, seed=seed, env=env, split=split))
+            continue
+        try:
+            traces.append(run_solver(m, env_kwargs, i, seed=seed, env=env, options=options, split=split))
+        except SolverUnavailable as e:  # pragma: no cover - filtered before the jobs are made
+            return traces, [f"skipped {e}"]
+    return traces, []
+
+
+def _run_jobs(jobs: Sequence[_Job], workers: int, bar, *, parallel: bool,
+              while_waiting: Callable[[], None] | None = None) -> list[tuple[list[Trace], list[str]]]:
+    """Each job's (traces, notes), in the jobs' order: with ``parallel`` and more than one worker, up to ``workers``
+    jobs at once in forked processes (:func:`lrenv.parallel.fork_map`), the solver jobs handed out first (they are
+    the longest single pieces); else one after another."""
+    if workers == 1 or len(jobs) <= 1 or not parallel:
+        out = []
+        for job in jobs:
+            bar.set_postfix_str(job.label[:60])
+            out.append(job.run())
+            bar.update(job.runs)
+        return out
+    bar.set_postfix_str(f"{min(workers, len(jobs))} workers")
+    order = sorted(range(len(jobs)), key=lambda k: not jobs[k].solver)  # stable: solvers first, then the groups
+    return fork_map(lambda k: jobs[k].run(), len(jobs), workers, order=order,
+                    on_done=lambda k: bar.update(jobs[k].runs), while_waiting=while_waiting)
+
+
+def _import_output_modules() -> None:
+    """Import what writing the outputs needs (matplotlib, TensorBoard: ~2 s) while the workers compute."""
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
+    from . import plots  # noqa: F401
 
 
 def _evaluate(methods: Iterable[Method] | str, problem: str, problem_params: dict | None, seeds: int,
               budget: int | None, device: str, out_dir: str | None, progress: bool, *, seed: int,
               grid: Sequence[float] | None, dtype: str, num_blocks: int | None, save: bool, tensorboard: bool,
               solver_options: dict[str, dict] | None, verbose: bool, split: str = "test",
-              batched: bool = True) -> EvalResult:
+              batched: bool = True, workers: int = 1, threads: int | None = 1) -> EvalResult:
     from tqdm.auto import tqdm
 
     resolved = resolve_methods(methods, grid)
@@ -488,44 +586,18 @@ def _evaluate(methods: Iterable[Method] | str, problem: str, problem_params: dic
         raise ValueError("none of the requested methods applies to this problem: " + "; ".join(notes))
     out = reserve_out_dir(out_dir, problem, seed) if save else None
 
-    traces: dict[str, list[Trace]] = {}
     bar = tqdm(total=len(runnable) * seeds, desc=f"evaluate {probe.family.name}", disable=not progress, unit="run")
     instances = [int(split_seeds(split)[i]) for i in range(seeds)]
-    together = [m for m in runnable if batched and isinstance(m, Schedule) and m.batchable]
-    groups: dict[str, list[Schedule]] = {}
-    for m in together:  # every run of every method that shares env settings steps in one batched engine
-        groups.setdefault(group_key(m), []).append(m)
-    for group in groups.values():
-        bar.set_postfix_str(", ".join(m.name for m in group)[:60])
-        runs = run_batched([m for m in group for _ in instances], instances * len(group), env_kwargs, seed=seed)
+    jobs = _jobs(runnable, instances, env_kwargs, seed=seed, split=split, batched=batched,
+                 solver_options=solver_options or {})
+    traces: dict[str, list[Trace]] = {}
+    parallel = can_fork(device, threads)
+    for runs, job_notes in _run_jobs(jobs, workers, bar, parallel=parallel,
+                                     while_waiting=_import_output_modules if save else None):
+        notes.extend(job_notes)
         for tr in runs:
             tr.seed_index = instances.index(tr.instance)
             traces.setdefault(tr.method, []).append(tr)
-        bar.update(len(runs))
-    for m in runnable:
-        if m in together:
-            continue
-        name = method_name(m)
-        env = NMFEnv(**schedule_env_kwargs(m, env_kwargs)) if isinstance(m, Schedule) else probe
-        if batched and isinstance(m, str) and m in TORCH_OPTIMIZERS:  # batched gradients, one optimizer per run
-            bar.set_postfix_str(name)
-            traces[name] = run_solvers(m, env_kwargs, range(seeds), seed=seed, env=env,
-                                       options=(solver_options or {}).get(m), split=split)
-            bar.update(seeds)
-            continue
-        for i in range(seeds):
-            bar.set_postfix_str(name)
-            if isinstance(m, Schedule):
-                tr = run_schedule(m, env_kwargs, i, seed=seed, env=env, split=split)
-            else:
-                try:
-                    tr = run_solver(m, env_kwargs, i, seed=seed, env=env, options=(solver_options or {}).get(m),
-                                    split=split)
-                except SolverUnavailable as e:  # pragma: no cover - filtered above
-                    notes.append(f"skipped {e}")
-                    break
-            traces.setdefault(name, []).append(tr)
-            bar.update(1)
     bar.close()
     traces = {method_name(m): traces[method_name(m)] for m in runnable if method_name(m) in traces}
     rows = [trace_metrics(tr) for trs in traces.values() for tr in trs]
@@ -548,7 +620,7 @@ def _evaluate(methods: Iterable[Method] | str, problem: str, problem_params: dic
     result = EvalResult(rows=rows, summary=summary, traces=traces, config=config, notes=notes, out_dir=out,
                         markdown=markdown)
     if out is not None:
-        write_outputs(result, tensorboard=tensorboard)
+        write_outputs(result, tensorboard=tensorboard, workers=workers if parallel else 1)
     if verbose:
         print(markdown)
         if out is not None:
@@ -565,9 +637,11 @@ def curves(traces: dict[str, list[Trace]]) -> tuple[dict[str, list[np.ndarray]],
     return loss, scale
 
 
-def write_outputs(result: EvalResult, *, tensorboard: bool = True) -> None:
-    """Write results.csv, summary.json/md, config.json, the figures and TensorBoard logs."""
-    from .plots import evaluation_figures, save_figure
+def write_outputs(result: EvalResult, *, tensorboard: bool = True, workers: int = 1) -> None:
+    """Write results.csv, summary.json/md, config.json, the figures and TensorBoard logs; with ``workers`` > 1 the
+    figures are drawn in that many forked processes at once (:func:`lrenv.parallel.fork_map`; the caller checks
+    :func:`lrenv.parallel.can_fork`)."""
+    from .plots import EVALUATION_FIGURES, save_figure
     out = result.out_dir
     assert out is not None
     write_results_csv(os.path.join(out, "results.csv"), result.rows)
@@ -575,23 +649,40 @@ def write_outputs(result: EvalResult, *, tensorboard: bool = True) -> None:
                                                    "notes": result.notes})
     _atomic_write(os.path.join(out, "summary.md"), result.markdown)
     write_json(os.path.join(out, "config.json"), result.config)
-    images = {name: save_figure(fig, os.path.join(out, f"{name}.png"))
-              for name, fig in evaluation_figures(result.traces).items()}
+    names = list(EVALUATION_FIGURES)
+    tb_dir = os.path.join(out, "tb")
+
+    def draw(k: int) -> np.ndarray:
+        return save_figure(EVALUATION_FIGURES[names[k]](result.traces), os.path.join(out, f"{names[k]}.png"))
+    if workers > 1:  # the method sub-runs of TensorBoard are written here while the workers draw
+        order = sorted(range(len(names)), key=lambda k: -FIGURE_COST.get(names[k], 0))
+        drawn = fork_map(draw, len(names), workers, order=order,
+                         while_waiting=(lambda: write_tensorboard_methods(result, tb_dir)) if tensorboard else None)
+    else:
+        drawn = [draw(k) for k in range(len(names))]
+        if tensorboard:
+            write_tensorboard_methods(result, tb_dir)
     if tensorboard:
-        write_tensorboard(result, os.path.join(out, "tb"), images=images)
+        write_tensorboard(result, tb_dir, images=dict(zip(names, drawn)), methods=False)
 
 
-def write_tensorboard(result: EvalResult, tb_dir: str, images: dict[str, np.ndarray] | None = None) -> None:
+FIGURE_COST = {"loss_curves_all": 3, "lr_history": 2, "loss_curves": 1}
+"""Relative drawing times of the evaluation figures (every method's curves take longest): the order to hand them
+to workers."""
+
+
+def write_tensorboard(result: EvalResult, tb_dir: str, images: dict[str, np.ndarray] | None = None, *,
+                      methods: bool = True) -> None:
     """TensorBoard logs of an evaluation: one sub-run per method (``tb/<method>``) with shared tags, so a
     chart overlays every method: ``curve/log10_loss_over_target`` (median over seeds, per epoch; 0 = target),
     ``curve/scale_W`` and ``curve/scale_H`` (step / bound); each sub-run's HParams row holds the method and
     its metrics (failures counted at the budget), sortable in the HParams tab; the results table and the
     config as text, the figures as images (top-level run; ``images``: the figures already drawn, (height, width,
-    3) uint8 by name, else they are drawn here)."""
+    3) uint8 by name, else they are drawn here). ``methods=False``: the top-level run only (the sub-runs are
+    :func:`write_tensorboard_methods`)."""
     from torch.utils.tensorboard import SummaryWriter
-    from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-    from .plots import evaluation_figures, is_policy, rank_key
+    from .plots import evaluation_figures
     top = SummaryWriter(tb_dir)
     top.add_text("results", result.markdown, 0)
     top.add_text("config", "```\n" + json.dumps(_clean(result.config), indent=2, default=_json_default) + "\n```", 0)
@@ -602,13 +693,22 @@ def write_tensorboard(result: EvalResult, tb_dir: str, images: dict[str, np.ndar
         for name, image in images.items():
             top.add_image(name, image, 0, dataformats="HWC")
     top.close()
+    if methods:
+        write_tensorboard_methods(result, tb_dir)
+
+
+def write_tensorboard_methods(result: EvalResult, tb_dir: str) -> None:
+    """The per-method sub-runs of :func:`write_tensorboard` (curves, HParams rows, metrics)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    from .plots import is_policy, pad_curves, rank_key
     for method, traces in result.traces.items():
         tag = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in method)
         w = SummaryWriter(os.path.join(tb_dir, tag))
         length = max(len(t.loss) for t in traces)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            from .plots import pad_curves
             rel = pad_curves([np.where(np.isfinite(t.loss), t.loss, np.nan) / t.target_loss for t in traces], length)
             med = np.nanmedian(rel, axis=0)
             scales = {f: np.nanmedian(pad_curves([getattr(t, f"lr_{f}") / getattr(t, f"bound_{f}") for t in traces],
@@ -675,6 +775,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (None: runs/{problem}__eval__{seed}__{time}); "
                    "an existing non-empty directory is never overwritten")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="evaluation jobs run at once, each single-threaded (default: one per available core, at most "
+                        f"{MAX_WORKERS}; 1 = one after another); the results do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="run every instance in its own environment (default: the schedules, line searches and policies "
@@ -693,5 +796,5 @@ def run(args: argparse.Namespace) -> int:
     evaluate(methods, problem=args.problem, problem_params=parse_problem_params(args.problem_param), seeds=args.seeds,
              split=args.split, budget=args.budget, device=args.device, out_dir=args.out, progress=not args.no_progress, seed=args.seed,
              grid=parse_grid(args.grid), tensorboard=not args.no_tensorboard, threads=args.threads or None,
-             batched=not args.one_at_a_time, tuned=args.tuned, solver_options=solver_options)
+             batched=not args.one_at_a_time, tuned=args.tuned, solver_options=solver_options, workers=args.workers)
     return 0

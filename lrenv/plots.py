@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 import zlib
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import matplotlib
 
@@ -242,10 +242,15 @@ def _ordered(traces: dict[str, list], methods: Sequence[str] | None) -> list[str
     return [m for m in methods if not is_policy(m)] + [m for m in methods if is_policy(m)]
 
 
+EVALUATION_FIGURES: dict[str, Callable[[dict[str, list]], Figure]] = {
+    "loss_curves": loss_figure, "lr_history": lr_figure, "loss_curves_all": sweep_figure}
+"""The figures of an evaluation by name: ``loss_curves`` and ``lr_history`` (the short default set of methods)
+and ``loss_curves_all`` (every method)."""
+
+
 def evaluation_figures(traces: dict[str, list]) -> dict[str, Figure]:
-    """The figures of an evaluation: ``loss_curves`` and ``lr_history`` (the short default set of methods)
-    and ``loss_curves_all`` (every method)."""
-    return {"loss_curves": loss_figure(traces), "lr_history": lr_figure(traces), "loss_curves_all": sweep_figure(traces)}
+    """The figures of an evaluation (:data:`EVALUATION_FIGURES`) drawn from its traces."""
+    return {name: make(traces) for name, make in EVALUATION_FIGURES.items()}
 
 
 def save_figure(fig: Figure, path: str) -> np.ndarray:

@@ -661,9 +661,52 @@ def _reference(prob: _Problem, rec: _Recorder, name: str, **options: Any) -> tup
 
 
 # ----------------------------------------------------------------------------- scikit-learn
-def _sklearn(prob: _Problem, rec: _Recorder, solver: str) -> tuple[np.ndarray, np.ndarray, dict]:
+def sklearn_update(solver: str, public: bool = False) -> Callable[[np.ndarray, np.ndarray, np.ndarray],
+                                                                   tuple[np.ndarray, np.ndarray]]:
+    """One iteration of scikit-learn's NMF ``solver`` ('cd' or 'mu', Frobenius loss, no regularisation) from
+    ``(W, H)``: ``update(V, W, H) -> (W, H)``, the iterate ``non_negative_factorization(..., init='custom',
+    max_iter=1)`` returns. By default it calls the function that one wraps, ``sklearn.decomposition._nmf``'s
+    ``_fit_coordinate_descent`` / ``_fit_multiplicative_update``, directly: the public call validates its
+    arguments and the whole matrix every time, ~75 % of an iteration at the small size, and the harness calls it
+    once per epoch. Where those private functions are missing or take other parameters (another scikit-learn
+    version), and with ``public=True``, it is the public call (a test checks both give the same iterates)."""
     from sklearn.decomposition import non_negative_factorization
+
+    def public_update(V: np.ndarray, W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        W, H, _ = non_negative_factorization(V, W=np.ascontiguousarray(W), H=np.ascontiguousarray(H),
+                                             n_components=W.shape[1], init="custom", solver=solver,
+                                             beta_loss="frobenius", max_iter=1, tol=0.0, random_state=0)
+        return W, H
+
+    if public:
+        return public_update
+    try:
+        import inspect
+
+        from sklearn.decomposition import _nmf
+        fit = {"cd": _nmf._fit_coordinate_descent, "mu": _nmf._fit_multiplicative_update}[solver]
+        expected = {"cd": ["X", "W", "H", "tol", "max_iter", "l1_reg_W", "l1_reg_H", "l2_reg_W", "l2_reg_H",
+                           "update_H", "verbose", "shuffle", "random_state"],
+                    "mu": ["X", "W", "H", "beta_loss", "max_iter", "tol", "l1_reg_W", "l1_reg_H", "l2_reg_W",
+                           "l2_reg_H", "update_H", "verbose"]}[solver]
+        if list(inspect.signature(fit).parameters) != expected:
+            return public_update
+    except (ImportError, AttributeError):  # pragma: no cover - another scikit-learn
+        return public_update
+
+    def update(V: np.ndarray, W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        W, H = np.ascontiguousarray(W), np.ascontiguousarray(H)
+        if solver == "cd":
+            W, H, _ = fit(V, W, H, tol=0.0, max_iter=1, shuffle=False, random_state=0)
+        else:
+            W, H, *_ = fit(V, W, H, beta_loss=2, max_iter=1, tol=0.0)
+        return W, H
+    return update
+
+
+def _sklearn(prob: _Problem, rec: _Recorder, solver: str) -> tuple[np.ndarray, np.ndarray, dict]:
     from sklearn.exceptions import ConvergenceWarning
+    update = sklearn_update(solver)
     W, H = prob.W0.copy(), prob.H0.copy()
     rec.start()
     with warnings.catch_warnings():
@@ -672,9 +715,7 @@ def _sklearn(prob: _Problem, rec: _Recorder, solver: str) -> tuple[np.ndarray, n
             # zeros are fixed points of multiplicative updates: nudge them like scikit-learn's inits do
             if solver == "mu":
                 W, H = np.maximum(W, 1e-12), np.maximum(H, 1e-12)
-            W, H, _ = non_negative_factorization(prob.V, W=np.ascontiguousarray(W), H=np.ascontiguousarray(H),
-                                                 n_components=W.shape[1], init="custom", solver=solver,
-                                                 beta_loss="frobenius", max_iter=1, tol=0.0, random_state=0)
+            W, H = update(prob.V, W, H)
             if rec.record(prob.loss(W, H)):
                 return W, H, {}
 
