@@ -28,7 +28,6 @@ of the other metrics.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import datetime as _dt
 import difflib
@@ -504,9 +503,7 @@ def _jobs(runnable: Sequence[Method], instances: list[int], env_kwargs: dict, *,
             label = ", ".join(dict.fromkeys(m.name for m, _ in chunk))
 
             def job(chunk=chunk) -> tuple[list[Trace], list[str]]:
-                # a schedule's episode state is per run: jobs running at once must not share the objects
-                own = {id(m): m if isinstance(m, PolicySchedule) else copy.deepcopy(m) for m, _ in chunk}
-                return run_batched([own[id(m)] for m, _ in chunk], [i for _, i in chunk], env_kwargs, seed=seed), []
+                return run_batched([m for m, _ in chunk], [i for _, i in chunk], env_kwargs, seed=seed), []
             jobs.append(_Job(label, len(chunk), job))
     for m in runnable:
         if m not in together:

@@ -11,6 +11,8 @@ writing its results, figures and TensorBoard logs), old and new alternating with
 - ``common``: the methods both revisions have (the old registry's names that the new one still has), passed as
   ``--methods`` to both: the like-for-like comparison;
 - ``literal``: the command as typed, without ``--methods`` (each revision's ``all``; the new one has more methods);
+- ``new --workers 1``: the new code's batched path with its jobs one after another (no worker processes), on the
+  common methods: what batching alone gives, next to the default (one forked worker per core);
 - with ``--one-at-a-time``, also the new code's ``--one-at-a-time`` path on the common methods.
 
 Prints the wall seconds (best of the rounds), the processes' CPU seconds (user + system, summed over the rounds;
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         base = ["evaluate", "--problem", args.problem, "--seeds", str(args.seeds), "--no-progress"]
         commands = {("old", "common"): (old, [*base, "--methods", ",".join(common)]),
                     ("new", "common"): (ROOT, [*base, "--methods", ",".join(common)]),
+                    ("new --workers 1", "common"): (ROOT, [*base, "--methods", ",".join(common), "--workers", "1"]),
                     ("old", "literal"): (old, base), ("new", "literal"): (ROOT, base)}
         if args.one_at_a_time:
             commands[("new --one-at-a-time", "common")] = (ROOT, [*base, "--methods", ",".join(common),
@@ -117,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     for which in ("common", "literal"):
         o, n = summary[f"old / {which}"], summary[f"new / {which}"]
         ratios[which] = {"wall": o["wall_best_s"] / n["wall_best_s"], "cpu": o["cpu_s"] / n["cpu_s"]}
+    o = summary["old / common"]
+    for who in ("new --workers 1", "new"):
+        n = summary[f"{who} / common"]
+        ratios[f"old / {who}, common"] = {"wall": o["wall_best_s"] / n["wall_best_s"], "cpu": o["cpu_s"] / n["cpu_s"]}
     if args.one_at_a_time:
         o, n = summary["new --one-at-a-time / common"], summary["new / common"]
         ratios["new one-at-a-time / batched, common"] = {"wall": o["wall_best_s"] / n["wall_best_s"],

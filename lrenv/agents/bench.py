@@ -320,52 +320,73 @@ def method_class(method: Any) -> str:
     return "line searches" if isinstance(method, (Armijo, Polyak, BarzilaiBorwein)) else "schedules"
 
 
+EVALUATE_PATHS = {"one_at_a_time": dict(batched=False, workers=1), "batched": dict(batched=True, workers=1),
+                  "batched_workers": dict(batched=True, workers=None)}
+"""The paths :func:`measure_evaluate_paths` times: every instance in its own environment, one job after another;
+batched, one job after another; batched with the default workers (one forked process per core)."""
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the evaluation's worker processes)."""
+    import resource
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def measure_evaluate_paths(seeds: int = 10, problem: str = "small", methods: str = "all") -> dict:
-    """``lrenv evaluate --problem PROBLEM --seeds N`` one instance at a time (``--one-at-a-time``) and batched (the
-    default), in one run: wall and CPU seconds of each, their ratio, the seconds per method class and per method
-    (the runs' recorded wall times; batched ones share their batch's time), and whether the results are identical
-    (same outcomes; final losses within 1e-6)."""
+    """``lrenv evaluate --problem PROBLEM --seeds N`` on each of :data:`EVALUATE_PATHS`, in one run: wall and CPU
+    seconds (worker processes included) of each, the ratios to one at a time, the seconds per method class and
+    per method (the runs' recorded wall times; batched ones share their batch's time), and whether the results
+    are identical to one at a time (same outcomes; final losses within 1e-6)."""
     from lrenv.evaluate import evaluate, method_name, resolve_methods
+    from lrenv.parallel import default_workers
     kw = dict(problem=problem, seeds=seeds, save=False, progress=False, verbose=False)
     classes = {method_name(m): method_class(m) for m in resolve_methods(methods)}
-    out: dict[str, Any] = {"problem": problem, "seeds": seeds, "methods": methods}
+    out: dict[str, Any] = {"problem": problem, "seeds": seeds, "methods": methods, "workers": default_workers()}
     results = {}
-    for path, batched in (("one_at_a_time", False), ("batched", True)):
-        t0, c0 = time.perf_counter(), time.process_time()
-        res = evaluate(methods, batched=batched, **kw)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    for path, settings in EVALUATE_PATHS.items():
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        res = evaluate(methods, **settings, **kw)
+        wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
         per_method = {m: float(sum(t.wall[-1] for t in trs)) for m, trs in res.traces.items()}
         per_class = {c: 0.0 for c in METHOD_CLASSES}
         for m, sec in per_method.items():
             per_class[classes[m]] += sec
         out[path] = {"wall_s": wall, "cpu_s": cpu, "per_class_s": per_class, "per_method_s": per_method}
         results[path] = res.rows
-    one, new = results["one_at_a_time"], results["batched"]
     keys = ("method", "instance", "reached_target", "diverged", "epochs_to_target", "epochs")
-    out["same_outcomes"] = ([tuple(r[k] for k in keys) for r in one] == [tuple(r[k] for k in keys) for r in new])
-    out["final_losses_close"] = all(np.isclose(a["final_loss"], b["final_loss"], rtol=1e-6, equal_nan=True)
-                                    or not (np.isfinite(a["final_loss"]) or np.isfinite(b["final_loss"]))
-                                    for a, b in zip(one, new))
-    out["runs"] = len(new)
-    out["speedup_wall"] = out["one_at_a_time"]["wall_s"] / out["batched"]["wall_s"]
-    out["speedup_cpu"] = out["one_at_a_time"]["cpu_s"] / out["batched"]["cpu_s"]
+    one = results["one_at_a_time"]
+    out["runs"] = len(one)
+    for path in ("batched", "batched_workers"):
+        new = results[path]
+        out[path]["same_outcomes"] = ([tuple(r[k] for k in keys) for r in one]
+                                      == [tuple(r[k] for k in keys) for r in new])
+        out[path]["final_losses_close"] = all(
+            np.isclose(a["final_loss"], b["final_loss"], rtol=1e-6, equal_nan=True)
+            or not (np.isfinite(a["final_loss"]) or np.isfinite(b["final_loss"])) for a, b in zip(one, new))
+        out[path]["speedup_wall"] = out["one_at_a_time"]["wall_s"] / out[path]["wall_s"]
+        out[path]["speedup_cpu"] = out["one_at_a_time"]["cpu_s"] / out[path]["cpu_s"]
     out["speedup_per_class"] = {c: out["one_at_a_time"]["per_class_s"][c] / out["batched"]["per_class_s"][c]
                                 for c in METHOD_CLASSES if out["batched"]["per_class_s"][c] > 0}
     return out
 
 
 def print_evaluate_paths(r: dict) -> None:
-    one, new = r["one_at_a_time"], r["batched"]
-    print(f"lrenv evaluate --problem {r['problem']} --seeds {r['seeds']} --methods {r['methods']} ({r['runs']} runs), "
-          "one at a time vs batched, in one run")
-    print(f"{'':22} {'one at a time':>14} {'batched':>9} {'ratio':>6}")
-    print(f"{'wall s':22} {one['wall_s']:>14.1f} {new['wall_s']:>9.1f} {r['speedup_wall']:>6.2f}")
-    print(f"{'CPU s':22} {one['cpu_s']:>14.1f} {new['cpu_s']:>9.1f} {r['speedup_cpu']:>6.2f}")
+    one, new, par = r["one_at_a_time"], r["batched"], r["batched_workers"]
+    print(f"lrenv evaluate --problem {r['problem']} --seeds {r['seeds']} --methods {r['methods']} ({r['runs']} runs): "
+          f"one at a time, batched, batched with {r['workers']} workers; in one run")
+    print(f"{'':22} {'one at a time':>14} {'batched':>9} {'ratio':>6} {'workers':>9} {'ratio':>6}")
+    print(f"{'wall s':22} {one['wall_s']:>14.1f} {new['wall_s']:>9.1f} {new['speedup_wall']:>6.2f} "
+          f"{par['wall_s']:>9.1f} {par['speedup_wall']:>6.2f}")
+    print(f"{'CPU s (with workers)':22} {one['cpu_s']:>14.1f} {new['cpu_s']:>9.1f} {new['speedup_cpu']:>6.2f} "
+          f"{par['cpu_s']:>9.1f} {par['speedup_cpu']:>6.2f}")
     for c in METHOD_CLASSES:
         a, b = one["per_class_s"][c], new["per_class_s"][c]
         if a or b:
             print(f"{'  ' + c + ' s':22} {a:>14.1f} {b:>9.1f} {a / b if b else float('nan'):>6.2f}")
-    print(f"same outcomes: {r['same_outcomes']}; final losses within 1e-6: {r['final_losses_close']}")
+    for path in ("batched", "batched_workers"):
+        print(f"{path}: same outcomes as one at a time: {r[path]['same_outcomes']}; final losses within 1e-6: "
+              f"{r[path]['final_losses_close']}")
 
 
 # ----------------------------------------------------------------------------- masked bounds
