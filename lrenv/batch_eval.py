@@ -77,7 +77,9 @@ def _run_pool(schedules: Sequence[Schedule], instances: list[int], env_kwargs: d
     seen: set[int] = set()
     runs: list[Schedule] = []
     for s in schedules:
-        runs.append(s if isinstance(s, PolicySchedule) or id(s) not in seen else copy.deepcopy(s))
+        # a copy without the environment handle of a past run (deep-copying it would copy that whole environment)
+        runs.append(s if isinstance(s, PolicySchedule) or id(s) not in seen
+                    else copy.deepcopy(s, memo={id(s.oracle): None}))
         seen.add(id(s))
     for s in {id(s): s for s in runs if isinstance(s, PolicySchedule)}.values():
         s.check_spaces(venv.observation_space, venv.action_space)

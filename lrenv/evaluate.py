@@ -702,7 +702,8 @@ def write_tensorboard_methods(result: EvalResult, tb_dir: str) -> None:
     from .plots import is_policy, pad_curves, rank_key
     for method, traces in result.traces.items():
         tag = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in method)
-        w = SummaryWriter(os.path.join(tb_dir, tag))
+        # a queue for every event: at the default (10) each add_scalar waits for the writer thread (2-3 s in all)
+        w = SummaryWriter(os.path.join(tb_dir, tag), max_queue=100_000)
         length = max(len(t.loss) for t in traces)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
