@@ -358,7 +358,8 @@ def _run_evaluation(trial: Trial, tdir: Path, out_dir: Path) -> dict:
         methods = spec["method"]
     result = evaluate(methods, problem=spec["problem"], problem_params=spec["problem_params"],
                       seeds=spec["test_instances"], budget=spec["budget"], out_dir=str(tdir / "eval"),
-                      progress=False, verbose=False, tensorboard=False, threads=1, split=spec["split"])
+                      progress=False, verbose=False, tensorboard=False, threads=1, split=spec["split"],
+                      workers=1)  # one trial per core: Ray already runs a trial on every core
     _save_curves(tdir / "curves.npz", result.traces)
     return {"split": spec["split"], "methods": sorted(result.traces), "notes": result.notes}
 
