@@ -44,10 +44,11 @@ def check_workers(workers: Any) -> int:
 def can_fork(device: str = "cpu", threads: int | None = 1) -> bool:
     """Whether work may run in forked processes: on a CPU (a forked CUDA context is unusable), with single-threaded
     torch (a process forked after torch's OpenMP team ran can deadlock in it; at one thread torch never enters
-    it), where fork exists (not on Windows; macOS has it but its system libraries are not fork-safe)."""
+    it), where fork exists (not on Windows; macOS has it but its system libraries are not fork-safe), and not in
+    a daemonic process (those may not have children: a multiprocessing pool's worker, say)."""
     import sys
     return (torch.device(device).type == "cpu" and threads == 1 and sys.platform.startswith("linux")
-            and "fork" in multiprocessing.get_all_start_methods())
+            and "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon)
 
 
 def _init_worker(threads: int) -> None:

@@ -46,10 +46,21 @@ def test_workers_must_be_a_positive_integer():
             ev.evaluate("fixed-scale", seeds=1, save=False, progress=False, verbose=False, workers=bad, **SMALL)
 
 
+def _can_fork_here(queue):
+    queue.put(parallel.can_fork("cpu", 1))
+
+
 def test_fork_is_refused_where_it_is_unsafe():
     assert not parallel.can_fork("cpu", 2) and not parallel.can_fork("cpu", None)
     assert not parallel.can_fork("cuda", 1)
     assert 1 <= parallel.default_workers() <= parallel.MAX_WORKERS
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork" if parallel.can_fork() else "spawn")
+    queue = ctx.Queue()
+    daemon = ctx.Process(target=_can_fork_here, args=(queue,), daemon=True)  # may not have children
+    daemon.start()
+    assert queue.get(timeout=60) is False
+    daemon.join()
 
 
 @needs_fork
