@@ -275,11 +275,17 @@ def _clean(o: Any) -> Any:
     return o
 
 
+def _fmt_ratio(x: float) -> str:
+    """A normalised score: three decimals, or three significant digits below 0.01 / above 1e4 (final-loss ratios
+    on an out-of-reach target span decades: 5.4e-05 must not read 0.000)."""
+    return f"{x:.3f}" if x == 0 or 1e-2 <= abs(x) < 1e4 else f"{x:.3g}"
+
+
 def _fmt_ci(d: dict | None) -> str:
     if not d or d.get("iqm") is None or not math.isfinite(d["iqm"]):
         return "–"
     lo, hi = d["ci95"]
-    return f"{d['iqm']:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{_fmt_ratio(d['iqm'])} [{_fmt_ratio(lo)}, {_fmt_ratio(hi)}]"
 
 
 def _figures(out_dir: Path, main: list[str], iqm: dict, per_family: dict, families: list[str],

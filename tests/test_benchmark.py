@@ -328,3 +328,10 @@ def test_leave_one_family_out_benchmark_runs_end_to_end(tmp_path):
         assert [e["problem"] for e in config["suite"]["entries"]] == [p for p in ("small", "tutorial") if p != left_out]
         assert config["suite"]["excluded"] == [left_out]
     assert set(result.report["scores"]["epochs"]["per_family"]["tut"]) >= {"lofo", BEST_FIXED, "cosine"}
+
+
+def test_report_prints_tiny_and_huge_ratios_with_significant_digits():
+    from lrenv.benchmark_report import _fmt_ci
+    assert _fmt_ci({"iqm": 5.427e-05, "ci95": [1.1e-05, 0.00119]}) == "5.43e-05 [1.1e-05, 0.00119]"
+    assert _fmt_ci({"iqm": 0.869, "ci95": [0.8631, 2675488.9]}) == "0.869 [0.863, 2.68e+06]"
+    assert _fmt_ci({"iqm": float("nan"), "ci95": [0, 0]}) == "–"
