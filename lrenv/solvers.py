@@ -37,6 +37,7 @@ Held-out MSE is computed against the true values of the held-out entries (the pr
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import time
 import warnings
 from dataclasses import dataclass
@@ -78,9 +79,14 @@ def _import(name: str) -> Any:
     return importlib.import_module(name)
 
 
-def _make_adam(W: torch.Tensor, H: torch.Tensor, prob: "_Problem", o: dict) -> _Made:
+def _adam_lr(prob: "_Problem", o: dict) -> float:
+    """Adam's lr: ``lr_rel`` (popped from ``o``, default 0.02) times the RMS of the initial factors."""
     scale = float(np.sqrt(np.mean(np.concatenate([prob.W0.ravel(), prob.H0.ravel()]) ** 2))) or 1.0
-    lr = float(o.pop("lr_rel", 0.02)) * scale
+    return float(o.pop("lr_rel", 0.02)) * scale
+
+
+def _make_adam(W: torch.Tensor, H: torch.Tensor, prob: "_Problem", o: dict) -> _Made:
+    lr = _adam_lr(prob, o)
     return torch.optim.Adam([W, H], lr=lr, **o), {"lr0": lr}
 
 
@@ -263,6 +269,17 @@ ADAM_BATCHED_OPTIONS = frozenset({"lr_rel", "patience", "factor", "betas", "eps"
 torch.optim.Adam objects, one per instance."""
 
 
+class _PlateauHolder(torch.optim.Optimizer):
+    """A parameterless stand-in optimizer carrying one instance's lr, for its ReduceLROnPlateau (which wants an
+    Optimizer) and the trace's lr column. ``Optimizer.__init__`` is skipped on purpose: there is nothing to
+    register, and its first call in a process imports ``torch._dynamo`` (~2.4 s: a third of Adam's evaluation)."""
+
+    def __init__(self, lr: float):  # noqa: D107 - no super().__init__, see the class docstring
+        self.defaults = {"lr": lr}
+        self.param_groups = [{"lr": lr, "params": []}]
+        self.state = {}
+
+
 class _BatchedAdam:
     """``torch.optim.Adam`` (its single-tensor CPU path: no weight decay, amsgrad, maximize) for ``B`` instances
     in a few tensor operations per step instead of one ``step()`` per instance, with a learning rate per instance
@@ -276,8 +293,7 @@ class _BatchedAdam:
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = 0
-        self.holders = [torch.optim.SGD([torch.zeros(1, dtype=params[0].dtype, requires_grad=True)], lr=lr)
-                        for lr in lrs]
+        self.holders = [_PlateauHolder(lr) for lr in lrs]
 
     def step(self, grads: list[torch.Tensor], active: list[int], at: torch.Tensor, every: bool) -> None:
         """One step of the ``active`` instances (``at`` as a tensor; ``every``: all of them) with their gradients
@@ -493,17 +509,23 @@ def _torch_opt(probs: list[_Problem], recs: list[_Recorder], rngs: list[np.rando
     reg = probs[0].reg
     Wv, Hv = [W[b] for b in range(B)], [H[b] for b in range(B)]  # the optimizers' parameters: views
     opts, notes, plateaus = [], [], []
+    adam_batched = name == "adam" and set(options) <= ADAM_BATCHED_OPTIONS and BATCHED_RULES
     for b in range(B):
         o = dict(options)
         plateau_kw = {"patience": o.pop("patience", 5), "factor": o.pop("factor", 0.5)} if name == "adam" else None
+        if adam_batched:  # the batched rule needs only the lr (no torch Adam objects: see _PlateauHolder)
+            notes.append({"lr0": _adam_lr(probs[b], o)})
+            continue
         opt, note = TORCH_OPTIMIZERS[name].make(Wv[b], Hv[b], probs[b], o)
         opts.append(opt)
         notes.append(note)
-    schedule_free = callable(getattr(opts[0], "eval", None)) and callable(getattr(opts[0], "train", None))
+    schedule_free = bool(opts) and callable(getattr(opts[0], "eval", None)) and callable(getattr(opts[0], "train", None))
     batched = None
-    if name == "adam" and set(options) <= ADAM_BATCHED_OPTIONS and BATCHED_RULES:
-        group = opts[0].param_groups[0]
-        batched = _BatchedAdam([W, H], [n["lr0"] for n in notes], betas=group["betas"], eps=group["eps"])
+    if adam_batched:
+        defaults = inspect.signature(torch.optim.Adam).parameters  # torch's own defaults, as its objects would hold
+        batched = _BatchedAdam([W, H], [n["lr0"] for n in notes],
+                               betas=tuple(options.get("betas", defaults["betas"].default)),
+                               eps=float(options.get("eps", defaults["eps"].default)))
         opts = batched.holders  # the lr each instance's ReduceLROnPlateau lowers
     elif name in ("dog", "ldog") and set(options) <= DOG_BATCHED_OPTIONS and BATCHED_RULES:
         batched = _BatchedDoG([W, H], layerwise=name == "ldog", **options)
@@ -681,8 +703,6 @@ def sklearn_update(solver: str, public: bool = False) -> Callable[[np.ndarray, n
     if public:
         return public_update
     try:
-        import inspect
-
         from sklearn.decomposition import _nmf
         fit = {"cd": _nmf._fit_coordinate_descent, "mu": _nmf._fit_multiplicative_update}[solver]
         expected = {"cd": ["X", "W", "H", "tol", "max_iter", "l1_reg_W", "l1_reg_H", "l2_reg_W", "l2_reg_H",
