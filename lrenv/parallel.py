@@ -1,7 +1,7 @@
 """Run independent pieces of work at once in forked processes (the evaluation's jobs, its figures).
 
 Processes rather than threads: the engine's Python between its batched products holds the GIL, so two threads
-gained 1.2x on 2 cores where two processes gain 1.8x. Forked, because the work (closures over environments,
+gained 1.2x on 2 cores where two processes gain 1.7x. Forked, because the work (closures over environments,
 schedules and traces) is inherited instead of pickled, and a forked worker starts in milliseconds where a spawned
 one imports torch and lrenv again (~3 s). Ray fans out ``lrenv benchmark``'s trials; for one evaluation its start
 and its workers' imports (~5-8 s) would cost what the fan-out saves.
@@ -10,6 +10,7 @@ and its workers' imports (~5-8 s) would cost what the fan-out saves.
 from __future__ import annotations
 
 import multiprocessing
+import numbers
 import os
 from typing import Any, Callable, Sequence
 
@@ -36,9 +37,10 @@ def default_workers() -> int:
 
 
 def check_workers(workers: Any) -> int:
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    """``workers`` as an int, or a ValueError naming it."""
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
         raise ValueError(f"workers must be a positive integer (processes run at once), got {workers!r}")
-    return workers
+    return int(workers)
 
 
 def can_fork(device: str = "cpu", threads: int | None = 1) -> bool:
@@ -70,6 +72,8 @@ def fork_map(work: Callable[[int], Any], n: int, workers: int, *, order: Sequenc
     (work for this otherwise idle process). Results come back pickled; an item's exception is raised here."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     global _WORK
+    if n == 0:
+        return []
     if _WORK is not None:
         raise RuntimeError("fork_map: already running (nested fork_map calls are not supported)")
     _WORK = work

@@ -41,6 +41,7 @@ def test_workers_give_the_numbers_of_one_after_another(monkeypatch, tmp_path):
 
 
 def test_workers_must_be_a_positive_integer():
+    assert parallel.check_workers(np.int64(3)) == 3
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="workers must be a positive integer"):
             ev.evaluate("fixed-scale", seeds=1, save=False, progress=False, verbose=False, workers=bad, **SMALL)
@@ -78,6 +79,7 @@ def test_fork_map_keeps_the_order_and_raises_an_items_error():
         parallel.fork_map(fail, 4, 2)
     assert parallel._WORK is None  # the next call may run
     assert parallel.fork_map(lambda k: k, 2, 2) == [0, 1]
+    assert parallel.fork_map(lambda k: k, 0, 2) == []
 
 
 @pytest.mark.parametrize("solver", ["cd", "mu"])
