@@ -53,10 +53,10 @@ def can_fork(device: str = "cpu", threads: int | None = 1) -> bool:
             and "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon)
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
+def _init_worker() -> None:
+    torch.set_num_threads(1)
     from threadpoolctl import threadpool_limits
-    threadpool_limits(threads)  # numpy / scikit-learn BLAS
+    threadpool_limits(1)  # numpy / scikit-learn BLAS
 
 
 def _call(k: int) -> Any:
@@ -79,7 +79,7 @@ def fork_map(work: Callable[[int], Any], n: int, workers: int, *, order: Sequenc
     _WORK = work
     try:
         with ProcessPoolExecutor(max_workers=min(workers, n), mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_init_worker, initargs=(1,)) as pool:
+                                 initializer=_init_worker) as pool:
             futures = {pool.submit(_call, k): k for k in (range(n) if order is None else order)}
             done: dict[int, Any] = {}
             try:

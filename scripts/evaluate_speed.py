@@ -116,18 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = {f"{who} / {which}": {"wall_best_s": min(w for w, _ in t), "cpu_s": sum(c for _, c in t) / len(t),
                                     "walls_s": [w for w, _ in t]}
                for (who, which), t in times.items()}
-    ratios = {}
-    for which in ("common", "literal"):
-        o, n = summary[f"old / {which}"], summary[f"new / {which}"]
-        ratios[which] = {"wall": o["wall_best_s"] / n["wall_best_s"], "cpu": o["cpu_s"] / n["cpu_s"]}
-    o = summary["old / common"]
-    for who in ("new --workers 1", "new"):
-        n = summary[f"{who} / common"]
-        ratios[f"old / {who}, common"] = {"wall": o["wall_best_s"] / n["wall_best_s"], "cpu": o["cpu_s"] / n["cpu_s"]}
+    def ratio(slow: str, fast: str) -> dict:
+        o, n = summary[slow], summary[fast]
+        return {"wall": o["wall_best_s"] / n["wall_best_s"], "cpu": o["cpu_s"] / n["cpu_s"]}
+
+    ratios = {which: ratio(f"old / {which}", f"new / {which}") for which in ("common", "literal")}
+    ratios["old / new --workers 1, common"] = ratio("old / common", "new --workers 1 / common")
     if args.one_at_a_time:
-        o, n = summary["new --one-at-a-time / common"], summary["new / common"]
-        ratios["new one-at-a-time / batched, common"] = {"wall": o["wall_best_s"] / n["wall_best_s"],
-                                                         "cpu": o["cpu_s"] / n["cpu_s"]}
+        ratios["new one-at-a-time / batched, common"] = ratio("new --one-at-a-time / common", "new / common")
     print(f"\nlrenv evaluate --problem {args.problem} --seeds {args.seeds}: {args.rev} (old) vs this checkout (new), "
           f"{args.rounds} round(s); common methods ({len(common)}): {', '.join(common)}")
     print(f"{'':34} {'wall s (best)':>13} {'CPU s (mean)':>13}")
