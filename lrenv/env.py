@@ -73,7 +73,10 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     ``a in [-1, 1]`` sets the step size of
     each factor to ``action_center * (2/L) * 10^(log_range * a)`` with that factor's current Lipschitz
     constant, so one policy serves problems of any scale; ``a = 0`` (an untrained policy's mean) is
-    ``action_center = 0.25`` of the full-batch bound, below where minibatch SGD starts to diverge.
+    ``action_center = 0.25`` of the full-batch bound, below where minibatch SGD starts to diverge. With
+    ``action_center_final`` the centre decays along a cosine from ``action_center`` to it over the budget
+    (:class:`lrenv.schedules.CosineDecay`'s formula): ``a = 0`` is then that cosine schedule and the policy learns a
+    correction of it (also in ``per_factor`` mode).
     ``action_mode="paper"``: ``a in [0, lr_max]`` is the absolute learning rate of both factors.
     ``action_mode="relative"``: ``a in [-1, 1]`` multiplies each factor's step size in force by
     ``10^(relative_range * a)``, clipped to ``[lr_min, lr_max]``; before the first step it is ``lr_init``.

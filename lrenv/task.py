@@ -119,6 +119,11 @@ class TaskConfig:
     """'log_bound': the fraction of the bound 2/L that a = 0 selects, i.e. the untrained policy's mean step
     (0.25 = 0.5/L). Minibatch SGD already diverges at ~0.55-0.6 of 2/L (the bound holds for full-batch
     steps), so a policy centred on the bound would spend its first thousands of steps diverging."""
+    action_center_final: float | None = None
+    """'log_bound' / 'per_factor': when set, the centre decays along a cosine from ``action_center`` at the first
+    epoch to this at the last (the formula of :class:`lrenv.schedules.CosineDecay`), so ``a = 0`` *is* that cosine
+    schedule and the policy learns a bounded correction of it (``10^(log_range * a)``) instead of a schedule from
+    scratch. None (default): a constant centre."""
     obs_features: tuple[str, ...] = DEFAULT_OBS
     """Observation features, a subset of OBS_FEATURES (see NMFEnv's docstring)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -152,6 +157,13 @@ class TaskConfig:
             raise ValueError(f"relative action mode needs 0 < lr_min <= lr_init <= lr_max and relative_range > 0, "
                              f"got lr_min={self.lr_min}, lr_init={self.lr_init}, lr_max={self.lr_max}, "
                              f"relative_range={self.relative_range}")
+        if self.action_center_final is not None:
+            if self.action_mode not in ("log_bound", "per_factor"):
+                raise ValueError(f"action_center_final (a decaying centre) needs action_mode 'log_bound' or "
+                                 f"'per_factor', not {self.action_mode!r}")
+            if not 0 < self.action_center_final <= self.action_center:
+                raise ValueError(f"action_center_final must be in (0, action_center={self.action_center}], "
+                                 f"got {self.action_center_final}")
         if not 0 <= self.slope_smoothing < 1:
             raise ValueError(f"slope_smoothing must be in [0, 1), got {self.slope_smoothing}")
         if not self.divergence_factor > 1:
@@ -200,14 +212,26 @@ class TaskConfig:
         low, high = self._action_bounds()
         return gym.spaces.Box(float(low), float(high), shape=(self.action_dim,), dtype=np.float32)
 
+    def center(self, epoch: np.ndarray | int | None = None) -> np.ndarray | float:
+        """The log-bound centre (a fraction of 2/L) for a step taken after ``epoch`` epochs: ``action_center``,
+        or with ``action_center_final`` the cosine from one to the other over the budget."""
+        if self.action_center_final is None:
+            return self.action_center
+        if epoch is None:
+            raise ValueError("a decaying centre (action_center_final) needs the epoch of the step")
+        frac = np.minimum(np.asarray(epoch, dtype=np.float64) / max(self.budget - 1, 1), 1.0)
+        lo, hi = self.action_center_final, self.action_center
+        return lo + (hi - lo) * 0.5 * (1.0 + np.cos(np.pi * frac))
+
     def actions_to_lr(self, actions: np.ndarray, L: np.ndarray, prev_lr: np.ndarray | None = None,
-                      lr_bounds: tuple[np.ndarray, np.ndarray] | None = None
+                      lr_bounds: tuple[np.ndarray, np.ndarray] | None = None, epoch: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Map raw actions, (B,) or (B, 1) ((B, 2) in 'per_factor' mode), to (B, 2) step sizes for (W, H)
         given (B, 2) Lipschitz constants.
 
         'relative' mode ignores ``L`` and needs the state kept by :class:`EpisodeTracker`: ``prev_lr``
-        (B, 2), the step sizes in force, and ``lr_bounds`` ((B, 2) low, (B, 2) high) in absolute units.
+        (B, 2), the step sizes in force, and ``lr_bounds`` ((B, 2) low, (B, 2) high) in absolute units; a decaying
+        centre (``action_center_final``) needs ``epoch`` (B,), the epochs each instance has run.
         Returns ``(lr, clipped_action, invalid)`` with the clipped action (B,) ((B, 2) in 'per_factor' mode) and
         ``invalid`` (B,): finite actions are clipped into the action space (+-inf to its ends); a NaN in any
         component is *invalid* and the caller ends the episode as a divergence.
@@ -233,11 +257,14 @@ class TaskConfig:
             lr = np.clip(prev_lr * 10.0 ** (self.relative_range * a[:, None]), lr_bounds[0], lr_bounds[1])
         else:  # log_bound (one scale for both factors) or per_factor (one per factor): broadcast over (B, 2)
             scale = a[:, None] if a.ndim == 1 else a
-            lr = (2.0 * self.action_center / np.maximum(L, _TINY)) * 10.0 ** (self.log_range * scale)
+            center = self.center(epoch)
+            center = np.reshape(center, (-1, 1)) if np.ndim(center) else center
+            lr = (2.0 * center / np.maximum(L, _TINY)) * 10.0 ** (self.log_range * scale)
         return lr, a, invalid
 
-    def action_for_scale(self, scale: np.ndarray | float) -> np.ndarray:
-        """The action that gives lr = scale * (2/L) per factor (scale clipped into the covered range).
+    def action_for_scale(self, scale: np.ndarray | float, epoch: np.ndarray | int | None = None) -> np.ndarray:
+        """The action that gives lr = scale * (2/L) per factor (scale clipped into the covered range); ``epoch``
+        (the epochs run) only with a decaying centre.
 
         'log_bound': shape (1,) (an element of :meth:`action_space`) for a scalar scale, (B,) for B scales.
         'per_factor': ``scale`` is a scalar (both factors), a pair ``(s_W, s_H)`` -> shape (2,), or (B, 2)
@@ -253,7 +280,10 @@ class TaskConfig:
             if s.shape[-1] != 2 or s.ndim > 2:
                 raise ValueError(f"per_factor action_for_scale: give a scalar, a pair (s_W, s_H) or (B, 2) pairs, "
                                  f"got shape {s.shape}")
-        a = np.clip(np.log10(s / self.action_center) / self.log_range, -1.0, 1.0).astype(np.float32)
+        center = self.center(epoch)
+        if np.ndim(center) and s.ndim == 2:
+            center = np.reshape(center, (-1, 1))
+        a = np.clip(np.log10(s / center) / self.log_range, -1.0, 1.0).astype(np.float32)
         return a.reshape(1) if a.ndim == 0 else a
 
 
@@ -308,10 +338,10 @@ class EpisodeTracker:
         """:meth:`TaskConfig.actions_to_lr` for the current state of every slot (any action mode), or of the
         listed ``slots`` (``actions`` then has one row per listed slot)."""
         if slots is None:
-            return self.cfg.actions_to_lr(actions, self.lipschitz(), self.lr, (self.lr_lo, self.lr_hi))
+            return self.cfg.actions_to_lr(actions, self.lipschitz(), self.lr, (self.lr_lo, self.lr_hi), self.epoch)
         slots = np.asarray(slots)
         return self.cfg.actions_to_lr(actions, self.lipschitz()[slots], self.lr[slots],
-                                      (self.lr_lo[slots], self.lr_hi[slots]))
+                                      (self.lr_lo[slots], self.lr_hi[slots]), self.epoch[slots])
 
     def lr_in_force(self) -> np.ndarray:
         """(B, 2) step sizes in force: 'relative' mode's state, else the last epoch's (NaN before the first)."""

@@ -150,6 +150,47 @@ def test_per_factor_action_for_scale_accepts_a_pair():
         TaskConfig(action_mode="relative").action_for_scale(0.5)
 
 
+def test_decaying_centre_zero_action_is_the_cosine_schedule():
+    """action_center_final: a = 0 steps exactly like CosineDecay(peak=centre, final=final_centre); a != 0 is a
+    bounded correction of it; the batched env applies the same centre per instance epoch."""
+    from lrenv.schedules import CosineDecay
+    kw = dict(budget=12, log_range=0.3, action_center=0.6, action_center_final=0.05, dtype="float64")
+    env = NMFEnv("small", **kw)
+    env.reset(seed=1, options={"instance": 2})
+    cos_env = NMFEnv("small", **{**kw, "log_range": 3.0, "action_center_final": None, "action_center": 0.25})
+    cos = CosineDecay(peak=0.6, final=0.05)
+    obs, _ = cos_env.reset(seed=1, options={"instance": 2})
+    cos.reset(cos_env.oracle)
+    for t in range(12):
+        a_cos, _ = cos.predict(obs)
+        obs, *_, info_cos = cos_env.step(a_cos)
+        *_, info = env.step(np.zeros(1, dtype=np.float32))
+        want = 0.05 + 0.55 * 0.5 * (1 + math.cos(math.pi * t / 11))
+        assert info["lr_W"] / info["bound_W"] == pytest.approx(want, rel=1e-6)
+        assert info["lr_H"] == pytest.approx(info_cos["lr_H"], rel=1e-5)
+        assert info["loss"] == pytest.approx(info_cos["loss"], rel=1e-5)
+    # a correction multiplies the cosine's step by 10^(log_range * a), and action_for_scale inverts it per epoch
+    task = TaskConfig(**{k: v for k, v in kw.items() if k != "dtype"})
+    L = np.array([[2.0, 4.0], [2.0, 4.0]])
+    lr, _, _ = task.actions_to_lr(np.array([0.5, -1.0]), L, epoch=np.array([0, 11]))
+    np.testing.assert_allclose(lr[:, 0], [0.6 * 10 ** 0.15, 0.05 * 10 ** -0.3], rtol=1e-9)
+    np.testing.assert_allclose(task.action_for_scale(np.array([0.6, 0.05]), epoch=np.array([0, 11])), [0, 0],
+                               atol=1e-6)
+    venv = BatchedNMFVecEnv("small", num_envs=2, **kw)
+    venv.reset_instances([2, 3], [1, 5])
+    for t in range(3):
+        _, _, _, infos = venv.step(np.array([[0.0], [-1.0]], dtype=np.float32))
+    c2 = 0.05 + 0.55 * 0.5 * (1 + math.cos(math.pi * 2 / 11))
+    assert infos[0]["lr_W"] / infos[0]["bound_W"] == pytest.approx(c2, rel=1e-6)
+    assert infos[1]["lr_H"] / infos[1]["bound_H"] == pytest.approx(c2 * 10 ** -0.3, rel=1e-6)
+    with pytest.raises(ValueError, match="needs the epoch"):
+        task.actions_to_lr(np.zeros(2), L)
+    with pytest.raises(ValueError, match="action_center_final must be in"):
+        TaskConfig(action_center=0.3, action_center_final=0.5)
+    with pytest.raises(ValueError, match="log_bound' or 'per_factor"):
+        TaskConfig(action_mode="relative", action_center_final=0.1)
+
+
 def test_per_factor_nan_component_ends_the_episode_as_divergence():
     env = NMFEnv("small", budget=10, action_mode="per_factor")
     env.reset(seed=0)

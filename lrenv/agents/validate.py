@@ -207,6 +207,7 @@ def _env_schema() -> dict[str, Check]:
         "relative_range": real(0.0),
         "log_range": real(0.0),
         "action_center": real(0.0),
+        "action_center_final": optional(real(0.0)),
         "obs_features": _obs_features,
         "reward": _reward,
         "divergence_factor": real(1.0),
