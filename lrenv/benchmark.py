@@ -79,6 +79,9 @@ class Agent:
     leave_out: bool = False
     """With ``train_on``: leave the tested family out of the training suite (leave-one-family-out), one
     training per tested family; families the suite does not hold share one training on the whole suite."""
+    model: str = "final"
+    """Which policy of each training is scored: ``final`` (``model.zip``, default) or ``best``
+    (``best_model.zip``: the checkpoint that did best on the *validation* instances during training)."""
 
 
 @dataclass
@@ -106,7 +109,9 @@ class Suite:
         return dataclasses.asdict(self)
 
 
-AGENT_KEYS = {"overrides", "env_kwargs", "families", "train_on", "leave_out"}
+AGENT_KEYS = {"overrides", "env_kwargs", "families", "train_on", "leave_out", "model"}
+AGENT_MODELS = {"final": "model.zip", "best": "best_model.zip"}
+"""An agent's ``model`` setting: the file of its training run that is scored."""
 SUITE_KEYS = {"description", "test_instances", "split", "seeds", "penalty", "families", "agents", "train",
               "baselines", "bootstrap_reps", "gpus_per_trial"}
 TRAIN_KEYS = {"eval_freq", "eval_episodes", "checkpoint_freq", "vec", "env_device", "device"}
@@ -171,8 +176,12 @@ def parse_suite(doc: dict, name: str = "suite", source: str = "suite") -> Suite:
         for o in overrides:
             if ":" not in o:
                 raise fail(f"agent {aname!r}: override {o!r} is not key:value")
+        model = spec.get("model", "final")
+        if model not in AGENT_MODELS:
+            raise fail(f"agent {aname!r}: 'model' is {' or '.join(AGENT_MODELS)} (best: the checkpoint chosen on the "
+                       f"validation instances during training), got {model!r}")
         agents.append(Agent(str(aname), overrides, dict(spec.get("env_kwargs") or {}),
-                            *_agent_scope(aname, spec, [f.label for f in families], fail)))
+                            *_agent_scope(aname, spec, [f.label for f in families], fail), model=model))
     seeds = doc.get("seeds", [0])
     if agents and (not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds)
                    or len(set(seeds)) != len(seeds)):
@@ -294,7 +303,9 @@ def expand(suite: Suite) -> list[Trial]:
                                         {**train_problem, "overrides": agent.overrides, "seed": seed,
                                          "train": suite.train}, gpus=gpus))
                 evals.append(Trial(f"agent/{fam.label}/{agent.name}/s{seed}", "agent", fam.label, agent.name, seed,
-                                   {**evaluation, "train_trial": tid}, depends=(tid,)))
+                                   {**evaluation, "train_trial": tid, **({"model": agent.model}
+                                                                          if agent.model != "final" else {})},
+                                   depends=(tid,)))
         for method in suite.baselines:
             evals.append(Trial(f"baseline/{fam.label}/{method}", "baseline", fam.label, method, None,
                                {**evaluation, "method": method}))
@@ -353,7 +364,8 @@ def _run_evaluation(trial: Trial, tdir: Path, out_dir: Path) -> dict:
     spec = trial.spec
     if trial.kind == "agent":
         train_dir = out_dir / Trial(spec["train_trial"], "train", "", "", None, {}).path / "run"
-        methods: Any = [load_policy(train_dir, name=trial.method)]
+        model = AGENT_MODELS[spec.get("model", "final")]
+        methods: Any = [load_policy(train_dir / model, name=trial.method)]
     else:
         methods = spec["method"]
     result = evaluate(methods, problem=spec["problem"], problem_params=spec["problem_params"],

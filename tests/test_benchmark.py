@@ -335,3 +335,21 @@ def test_report_prints_tiny_and_huge_ratios_with_significant_digits():
     assert _fmt_ci({"iqm": 5.427e-05, "ci95": [1.1e-05, 0.00119]}) == "5.43e-05 [1.1e-05, 0.00119]"
     assert _fmt_ci({"iqm": 0.869, "ci95": [0.8631, 2675488.9]}) == "0.869 [0.863, 2.68e+06]"
     assert _fmt_ci({"iqm": float("nan"), "ci95": [0, 0]}) == "–"
+
+
+def test_agent_model_best_scores_the_checkpoint_chosen_on_validation(tmp_path):
+    """``model: best`` evaluates the training's best_model.zip (chosen on validation instances), ``final`` (the
+    default) its model.zip; the setting is checked and only a non-default one enters the trial's configuration."""
+    ppo = ["n_timesteps:256", "n_envs:2", "n_steps:64", "batch_size:64", "n_epochs:1"]
+    doc = {**TINY, "agents": {"ppo": {"overrides": ppo, "model": "best"}, "last": {"overrides": ppo}},
+           "train": {"eval_freq": 128, "eval_episodes": 2, "checkpoint_freq": 100000}, "baselines": ["fixed-c=1"]}
+    trials = {t.id: t for t in expand(parse_suite(doc))}
+    assert trials["agent/toy/ppo/s0"].spec["model"] == "best" and "model" not in trials["agent/toy/last/s0"].spec
+    result = run_benchmark(parse_suite(doc, name="best"), tmp_path / "out", local=True, progress=False)
+    assert not result.failed, result.failed
+    for agent, file in (("ppo", "best_model.zip"), ("last", "model.zip")):
+        config = json.loads((tmp_path / "out" / f"agent/toy/{agent}/s0/eval/config.json").read_text())
+        sources = [m.get("source") for m in config["methods"] if isinstance(m, dict) and m.get("source")]
+        assert sources and all(os.path.basename(s) == file for s in sources), sources
+    with pytest.raises(ValueError, match="'model' is final or best"):
+        parse_suite({**doc, "agents": {"ppo": {"model": "last"}}})

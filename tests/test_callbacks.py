@@ -133,3 +133,20 @@ def test_figures_draw_policies_on_top_and_clip_nothing():
         box = fig.get_tightbbox(fig.canvas.get_renderer())
         w, h = fig.get_size_inches()
         assert box.x0 >= -0.01 and box.y0 >= -0.01 and box.x1 <= w + 0.01 and box.y1 <= h + 0.01
+
+
+def test_best_model_selection_ranks_by_the_loss_where_the_target_is_out_of_reach():
+    """Epochs to target first (failures at the budget); where every run fails, the best-loss / target ratio
+    decides, so a policy that ends lower replaces the first one (it was never replaced before)."""
+    from lrenv.agents.callbacks import improves, selection_key
+    failed = lambda ratio: {"epochs_to_target": 500.0, "success_rate": 0.0, "final_loss_ratio": ratio}  # noqa: E731
+    best = (float("inf"), float("inf"))
+    assert improves(failed(1e3), best)
+    best = selection_key(failed(1e3))
+    assert improves(failed(10.0), best) and not improves(failed(1e4), best) and not improves(failed(float("nan")), best)
+    reached = {"epochs_to_target": 120.0, "success_rate": 0.4, "final_loss_ratio": 3.0}
+    assert improves(reached, best)  # fewer epochs beat any loss ratio
+    best = selection_key(reached)
+    assert not improves({**reached, "epochs_to_target": 130.0, "final_loss_ratio": 1.0}, best)
+    assert improves({**reached, "final_loss_ratio": 5.0}, best)  # equal epochs with successes: the later policy
+    assert selection_key(failed(float("nan"))) == (500.0, float("inf"))

@@ -59,6 +59,22 @@ def episode_metrics(runs: list[dict], budget: int) -> dict[str, float]:
             "final_loss_ratio": float(10 ** np.nanmean(np.log10(ratio))) if np.isfinite(ratio).any() else math.nan}
 
 
+def selection_key(m: dict[str, float]) -> tuple[float, float]:
+    """What ranks held-out evaluations for ``best_model.zip``: epochs to target (failures at the budget), then the
+    geometric-mean best loss / target (NaN last), which still orders policies where no run reaches the target."""
+    ratio = m.get("final_loss_ratio", math.nan)
+    return m["epochs_to_target"], ratio if math.isfinite(ratio) else math.inf
+
+
+def improves(m: dict[str, float], best: tuple[float, float]) -> bool:
+    """True when held-out metrics ``m`` beat the best :func:`selection_key` so far; on equal epochs a run that
+    reached the target keeps the later policy (it has trained longer)."""
+    key = selection_key(m)
+    if key[0] != best[0]:
+        return key[0] < best[0]
+    return m["success_rate"] > 0 or key[1] < best[1]
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """Nested mappings -> ``a.b.c`` keys with scalar values (lists and other values as strings): the HParams
     plugin takes only bool, number and string."""
@@ -153,7 +169,8 @@ class HeldoutEvalCallback(BaseCallback):
     """Every ``freq`` vector steps: the deterministic policy on the held-out instances, scored with
     failures counted; fixed-scale baselines on the same instances once at the start, written as sub-runs
     with the same tags; the schedule figure, scale histograms and a results table. Saves
-    ``best_model.zip`` when the held-out epochs to target (failures at the budget) improve.
+    ``best_model.zip`` when the held-out score improves (:func:`improves`: epochs to target with failures at the
+    budget, then the best loss's ratio to the target, what ranks runs where the target is out of reach).
 
     ``env_kwargs`` may name a suite (lrenv.suite): held-out instance ``i`` then runs on entry ``i mod
     entries``, so as many instances as entries cover each entry once; failures count at each entry's budget."""
@@ -167,7 +184,7 @@ class HeldoutEvalCallback(BaseCallback):
         self.save_best = save_best
         """Writes best_model.zip (atomically); default: the bare SB3 model. Training passes lrenv.policy_io's
         save, which embeds the task and the normalisation statistics."""
-        self.best = math.inf
+        self.best: tuple[float, float] = (math.inf, math.inf)
         self.last: dict[str, float] = {}
 
     def _env(self, **overrides):
@@ -240,8 +257,8 @@ class HeldoutEvalCallback(BaseCallback):
         if writer is not None:
             writer.add_text("heldout/table", self.table(m), step)
             writer.flush()
-        if m["epochs_to_target"] < self.best or (m["epochs_to_target"] == self.best and m["success_rate"] > 0):
-            self.best = m["epochs_to_target"]
+        if improves(m, self.best):
+            self.best = selection_key(m)
             if self.save_best is not None:
                 self.save_best(self.run_dir / "best_model.zip")
             else:
