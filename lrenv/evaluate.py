@@ -47,7 +47,7 @@ import torch
 
 from .env import NMFEnv
 from .problems import DEFAULT_PROBLEM, SPLITS, parse_problem_params, reset_seed, split_seeds
-from .schedules import (Armijo, BarzilaiBorwein, CosineDecay, FixedLR, FixedScale, PolicySchedule, Polyak,
+from .schedules import (Armijo, BarzilaiBorwein, CosineDecay, CosineDecayPair, FixedLR, FixedScale, PolicySchedule, Polyak,
                         RandomUnderBound, RandomWalkBound, Schedule, TwoPhase, fixed_grid, load_policy,
                         schedule_env_kwargs)
 from .batch_eval import MAX_BATCH, group_key, run_batched
@@ -81,6 +81,8 @@ REGISTRY: dict[str, tuple[str, Callable[[Sequence[float] | None], list[Method]]]
                   lambda g: [Polyak(0.0, cap=None)]),
     "bb": ("Barzilai-Borwein step from successive epochs", lambda g: [BarzilaiBorwein()]),
     "cosine": ("cosine decay from 0.55 x 2/L (c = 1.1) to 0.05 x 2/L over the budget", lambda g: [CosineDecay()]),
+    "cosine-pf": ("cosine decay per factor ('per_factor' mode): each factor from its peak (0.55 x its 2/L) to 0.1 "
+                  "of it over the budget", lambda g: [CosineDecayPair()]),
     "two-phase": ("high then decay: c = 1.1 for the first half of the budget, then c = 0.8", lambda g: [TwoPhase()]),
     "adam": ("Adam + ReduceLROnPlateau on the same minibatches (outside the env)", lambda g: ["adam"]),
     "sklearn-cd": ("scikit-learn NMF, coordinate descent, one iteration per epoch", lambda g: ["sklearn-cd"]),

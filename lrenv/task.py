@@ -8,6 +8,7 @@ statistics into observations, rewards and termination flags, for any ``B``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 import gymnasium as gym
@@ -124,6 +125,11 @@ class TaskConfig:
     epoch to this at the last (the formula of :class:`lrenv.schedules.CosineDecay`), so ``a = 0`` *is* that cosine
     schedule and the policy learns a bounded correction of it (``10^(log_range * a)``) instead of a schedule from
     scratch. None (default): a constant centre."""
+    factor_tilt: tuple[float, float] | None = None
+    """'per_factor' only: multipliers ``(t_W, t_H)`` of the centre for W and H, so ``a = 0`` steps at
+    ``t_X * centre * 2/L_X`` -- with a decaying centre, a per-factor cosine
+    (:class:`lrenv.schedules.CosineDecayPair` with ``peak_X = t_X * action_center`` and ``final_frac =
+    action_center_final / action_center``). None (default): the same centre for both factors."""
     obs_features: tuple[str, ...] = DEFAULT_OBS
     """Observation features, a subset of OBS_FEATURES (see NMFEnv's docstring)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -164,6 +170,13 @@ class TaskConfig:
             if not 0 < self.action_center_final <= self.action_center:
                 raise ValueError(f"action_center_final must be in (0, action_center={self.action_center}], "
                                  f"got {self.action_center_final}")
+        if self.factor_tilt is not None:
+            tilt = tuple(self.factor_tilt) if isinstance(self.factor_tilt, (list, tuple, np.ndarray)) else ()
+            if (self.action_mode != "per_factor" or len(tilt) != 2
+                    or not all(isinstance(t, (int, float, np.number)) and math.isfinite(t) and t > 0 for t in tilt)):
+                raise ValueError(f"factor_tilt must be a pair of positive numbers (t_W, t_H) in the 'per_factor' "
+                                 f"action mode, got {self.factor_tilt!r} with action_mode {self.action_mode!r}")
+            self.factor_tilt = (float(tilt[0]), float(tilt[1]))
         if not 0 <= self.slope_smoothing < 1:
             raise ValueError(f"slope_smoothing must be in [0, 1), got {self.slope_smoothing}")
         if not self.divergence_factor > 1:
@@ -180,6 +193,8 @@ class TaskConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["obs_features"] = list(self.obs_features)
+        if self.factor_tilt is not None:
+            d["factor_tilt"] = list(self.factor_tilt)
         return d
 
     # -------------------------------------------------------------- spaces
@@ -223,6 +238,14 @@ class TaskConfig:
         lo, hi = self.action_center_final, self.action_center
         return lo + (hi - lo) * 0.5 * (1.0 + np.cos(np.pi * frac))
 
+    def _factor_center(self, epoch: np.ndarray | int | None, batched: bool) -> np.ndarray | float:
+        """:meth:`center` as the log-bound maps use it: (B, 1) for B epochs when ``batched``, and with
+        ``factor_tilt`` one centre per factor ((2,) or (B, 2))."""
+        center = self.center(epoch)
+        if np.ndim(center) and batched:
+            center = np.reshape(center, (-1, 1))
+        return center if self.factor_tilt is None else center * np.asarray(self.factor_tilt)
+
     def actions_to_lr(self, actions: np.ndarray, L: np.ndarray, prev_lr: np.ndarray | None = None,
                       lr_bounds: tuple[np.ndarray, np.ndarray] | None = None, epoch: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -257,8 +280,7 @@ class TaskConfig:
             lr = np.clip(prev_lr * 10.0 ** (self.relative_range * a[:, None]), lr_bounds[0], lr_bounds[1])
         else:  # log_bound (one scale for both factors) or per_factor (one per factor): broadcast over (B, 2)
             scale = a[:, None] if a.ndim == 1 else a
-            center = self.center(epoch)
-            center = np.reshape(center, (-1, 1)) if np.ndim(center) else center
+            center = self._factor_center(epoch, batched=True)
             lr = (2.0 * center / np.maximum(L, _TINY)) * 10.0 ** (self.log_range * scale)
         return lr, a, invalid
 
@@ -280,9 +302,7 @@ class TaskConfig:
             if s.shape[-1] != 2 or s.ndim > 2:
                 raise ValueError(f"per_factor action_for_scale: give a scalar, a pair (s_W, s_H) or (B, 2) pairs, "
                                  f"got shape {s.shape}")
-        center = self.center(epoch)
-        if np.ndim(center) and s.ndim == 2:
-            center = np.reshape(center, (-1, 1))
+        center = self._factor_center(epoch, batched=s.ndim == 2)
         a = np.clip(np.log10(s / center) / self.log_range, -1.0, 1.0).astype(np.float32)
         return a.reshape(1) if a.ndim == 0 else a
 

@@ -14,7 +14,7 @@ from lrenv.solvers import TORCH_OPTIMIZERS, run_solver, run_solvers
 
 # 205 rows in 10 minibatches: the last one is short (padding rows); target_factor 1.5: some runs reach it in 40 epochs
 SMALL = dict(problem="small", problem_params=dict(m=205, n=40, rank=5, target_factor=1.5), budget=40)
-SCHEDULES = "fixed-grid,fixed-scale,random-bound,random-walk,cosine,two-phase,armijo,polyak,polyak-f0,bb"
+SCHEDULES = "fixed-grid,fixed-scale,random-bound,random-walk,cosine,cosine-pf,two-phase,armijo,polyak,polyak-f0,bb"
 INSTALLED = [k for k, v in TORCH_OPTIMIZERS.items() if v.package is None or importlib.util.find_spec(v.package)]
 OUTCOME = ("method", "instance", "reached_target", "diverged", "epochs_to_target", "epochs", "extra_loss_evals")
 

@@ -373,3 +373,50 @@ def test_training_schema_covers_every_task_setting():
     assert hp["env_kwargs"]["relative_range"] == 0.25 and hp["env_kwargs"]["lr_reference"] == "absolute"
     with pytest.raises(ValueError, match=r"lr_reference: unknown value 'bund'.*Did you mean 'bound'"):
         load_hyperparams("small", ["env_kwargs.lr_reference:bund"])
+
+
+def test_factor_tilt_zero_action_is_the_per_factor_cosine():
+    """factor_tilt: with a decaying centre, a = 0 steps exactly like CosineDecayPair(peak_X = t_X * centre,
+    final_frac = final / centre); a correction multiplies each factor's step by 10^(log_range * a_X), in the
+    single and the batched env; the tilt needs the per_factor mode and a positive pair."""
+    from lrenv.schedules import CosineDecayPair
+    kw = dict(budget=12, action_mode="per_factor", log_range=0.3, action_center=1.0, action_center_final=0.05,
+              factor_tilt=[0.9, 0.3], dtype="float64")
+    env = NMFEnv("small", **kw)
+    env.reset(seed=1, options={"instance": 2})
+    pf_env = NMFEnv("small", **{**kw, **CosineDecayPair.env_overrides, "action_center": 0.25})
+    pf = CosineDecayPair(peak_W=0.9, peak_H=0.3, final_frac=0.05)
+    obs, _ = pf_env.reset(seed=1, options={"instance": 2})
+    pf.reset(pf_env.oracle)
+    for t in range(12):
+        a_pf, _ = pf.predict(obs)
+        obs, *_, info_pf = pf_env.step(a_pf)
+        *_, info = env.step(np.zeros(2, dtype=np.float32))
+        shape = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t / 11))
+        assert info["lr_W"] / info["bound_W"] == pytest.approx(0.9 * shape, rel=1e-6)
+        assert info["lr_H"] / info["bound_H"] == pytest.approx(0.3 * shape, rel=1e-6)
+        assert info["lr_H"] == pytest.approx(info_pf["lr_H"], rel=1e-5)
+        assert info["loss"] == pytest.approx(info_pf["loss"], rel=1e-5)
+    task = TaskConfig(**{k: v for k, v in kw.items() if k != "dtype"})
+    assert task.factor_tilt == (0.9, 0.3) and task.to_dict()["factor_tilt"] == [0.9, 0.3]
+    L = np.array([[2.0, 4.0], [2.0, 4.0]])
+    lr, _, _ = task.actions_to_lr(np.array([[0.5, -1.0], [0.0, 1.0]]), L, epoch=np.array([0, 11]))
+    np.testing.assert_allclose(lr, [[0.9 * 10 ** 0.15, 2 * 0.3 / 4 * 10 ** -0.3],
+                                    [0.9 * 0.05, 2 * 0.3 * 0.05 / 4 * 10 ** 0.3]], rtol=1e-9)
+    np.testing.assert_allclose(task.action_for_scale(np.array([[0.9, 0.3], [0.045, 0.015]]), epoch=np.array([0, 11])),
+                               0.0, atol=1e-6)
+    venv = BatchedNMFVecEnv("small", num_envs=2, **kw)
+    venv.reset_instances([2, 3], [1, 5])
+    for t in range(3):
+        _, _, _, infos = venv.step(np.array([[0.0, 0.0], [1.0, -1.0]], dtype=np.float32))
+    c2 = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 2 / 11))
+    assert infos[0]["lr_H"] / infos[0]["bound_H"] == pytest.approx(0.3 * c2, rel=1e-6)
+    assert infos[1]["lr_W"] / infos[1]["bound_W"] == pytest.approx(0.9 * c2 * 10 ** 0.3, rel=1e-6)
+    assert infos[1]["lr_H"] / infos[1]["bound_H"] == pytest.approx(0.3 * c2 * 10 ** -0.3, rel=1e-6)
+    for bad in ([1.0], [1.0, -2.0], [1.0, float("inf")], "ab"):
+        with pytest.raises(ValueError, match="factor_tilt must be a pair of positive numbers"):
+            TaskConfig(action_mode="per_factor", factor_tilt=bad)
+    with pytest.raises(ValueError, match="factor_tilt must be a pair.*'log_bound'"):
+        TaskConfig(factor_tilt=(1.0, 1.0))
+    with pytest.raises(ValueError, match="CosineDecayPair: need"):
+        CosineDecayPair(peak_W=0.5, peak_H=0.5, final_frac=0.0)
