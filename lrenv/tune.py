@@ -45,12 +45,12 @@ def _grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
 SEARCH_SPACES: dict[str, tuple[Callable[..., Schedule] | str, list[dict[str, Any]], dict[str, Any]]] = {
     # name: (schedule class or solver name, grid of settings, default setting)
     "fixed-c": (FixedScale, _grid(c=[0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 1.9]), {"c": 1.1}),
-    "fixed-cwch": (FixedScalePair, _grid(c_W=[0.5, 1.0, 1.5, 1.9], c_H=[0.2, 0.5, 0.8, 1.1, 1.4]),
+    "fixed-cwch": (FixedScalePair, _grid(c_W=[0.2, 0.5, 1.0, 1.5, 1.9], c_H=[0.1, 0.2, 0.5, 0.8, 1.1, 1.4]),
                    {"c_W": 1.1, "c_H": 1.1}),
     "cosine": (CosineDecay, _grid(peak=[0.15, 0.25, 0.4, 0.5, 0.55, 0.65, 0.8], final=[0.02, 0.1]),
                {"peak": 0.55, "final": 0.05}),
-    "cosine-pf": (CosineDecayPair, _grid(peak_W=[0.65, 0.9, 1.3, 1.8], peak_H=[0.05, 0.1, 0.2, 0.33, 0.55],
-                                         final_frac=[0.003, 0.01, 0.03, 0.1]),
+    "cosine-pf": (CosineDecayPair, _grid(peak_W=[0.1, 0.25, 0.45, 0.65, 0.9, 1.3, 1.8], peak_H=[0.05, 0.1, 0.2, 0.33, 0.55],
+                                         final_frac=[0.003, 0.01, 0.03, 0.1, 0.3]),
                   {"peak_W": 0.55, "peak_H": 0.55, "final_frac": 0.1}),
     "two-phase": (TwoPhase, _grid(c_high=[0.5, 0.8, 1.1, 1.3, 1.6], c_low=[0.2, 0.4, 0.8, 1.0], switch=[0.3, 0.6]),
                   {"c_high": 1.1, "c_low": 0.8, "switch": 0.5}),
