@@ -230,7 +230,7 @@ def test_fixed_scale_pair_steps_at_its_constants_and_is_tunable():
     ref = run_batched([FixedScale(1.1)], [5], {"problem": "small", "budget": 15})[0]
     np.testing.assert_allclose(same.loss, ref.loss, rtol=1e-6)
     factory, grid, default = SEARCH_SPACES["fixed-cwch"]
-    assert factory is FixedScalePair and len(grid) == 20 and default == {"c_W": 1.1, "c_H": 1.1}
+    assert factory is FixedScalePair and len(grid) == 30 and default == {"c_W": 1.1, "c_H": 1.1}
     assert make_tuned("fixed-cwch", {"c_W": 1.5, "c_H": 0.8}).name == "fixed cW=1.5,cH=0.8 (tuned)"
     with pytest.raises(ValueError, match="positive"):
         FixedScalePair(0.0, 1.0)
