@@ -47,8 +47,8 @@ import torch
 
 from .env import NMFEnv
 from .problems import DEFAULT_PROBLEM, SPLITS, parse_problem_params, reset_seed, split_seeds
-from .schedules import (Armijo, BarzilaiBorwein, CosineDecay, CosineDecayPair, FixedLR, FixedScale, PolicySchedule, Polyak,
-                        RandomUnderBound, RandomWalkBound, Schedule, TwoPhase, fixed_grid, load_policy,
+from .schedules import (Armijo, BarzilaiBorwein, CosineDecay, CosineDecayPair, FixedLR, FixedScale, PolicySchedule,
+                        Polyak, RandomUnderBound, RandomWalkBound, Schedule, TwoPhase, fixed_grid, load_policy,
                         schedule_env_kwargs)
 from .batch_eval import MAX_BATCH, group_key, run_batched
 from .metrics import (RESULT_COLUMNS, Trace, auc_log_loss, epochs_to_target,  # noqa: F401 (re-exported)

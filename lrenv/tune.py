@@ -26,7 +26,8 @@ import numpy as np
 import yaml
 
 from .problems import DEFAULT_PROBLEM, parse_problem_params
-from .schedules import Armijo, CosineDecay, CosineDecayPair, FixedScale, FixedScalePair, RandomWalkBound, Schedule, TwoPhase
+from .schedules import (Armijo, CosineDecay, CosineDecayPair, FixedScale, FixedScalePair, RandomWalkBound, Schedule,
+                        TwoPhase)
 
 TUNED_DIR = Path(__file__).parent / "tuned"
 """The tuned settings shipped for the built-in families (``<family>.yml``)."""
@@ -49,8 +50,8 @@ SEARCH_SPACES: dict[str, tuple[Callable[..., Schedule] | str, list[dict[str, Any
                    {"c_W": 1.1, "c_H": 1.1}),
     "cosine": (CosineDecay, _grid(peak=[0.15, 0.25, 0.4, 0.5, 0.55, 0.65, 0.8], final=[0.02, 0.1]),
                {"peak": 0.55, "final": 0.05}),
-    "cosine-pf": (CosineDecayPair, _grid(peak_W=[0.1, 0.25, 0.45, 0.65, 0.9, 1.3, 1.8], peak_H=[0.05, 0.1, 0.2, 0.33, 0.55],
-                                         final_frac=[0.003, 0.01, 0.03, 0.1, 0.3]),
+    "cosine-pf": (CosineDecayPair, _grid(peak_W=[0.1, 0.25, 0.45, 0.65, 0.9, 1.3, 1.8],
+                                         peak_H=[0.05, 0.1, 0.2, 0.33, 0.55], final_frac=[0.003, 0.01, 0.03, 0.1, 0.3]),
                   {"peak_W": 0.55, "peak_H": 0.55, "final_frac": 0.1}),
     "two-phase": (TwoPhase, _grid(c_high=[0.5, 0.8, 1.1, 1.3, 1.6], c_low=[0.2, 0.4, 0.8, 1.0], switch=[0.3, 0.6]),
                   {"c_high": 1.1, "c_low": 0.8, "switch": 0.5}),
