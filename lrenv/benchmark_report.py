@@ -31,7 +31,7 @@ import shutil
 import sys
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -166,23 +166,36 @@ def complete_rows(m: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- statistics (rliable)
 def _bootstrap(rly: Any, data: dict, func: Any, reps: int, seed: int) -> tuple[dict, dict]:
-    """rliable's stratified bootstrap (seeded; arch's notice that RandomState is deprecated is silenced)."""
+    """rliable's stratified bootstrap, seeded (arch's notice that RandomState is deprecated is silenced).
+
+    rliable's stratified bootstraps draw their indices from numpy's *global* generator (``np.random.choice`` in
+    ``_get_indices``), not from the ``random_state`` they are given, so the global generator is seeded here for the
+    call and restored afterwards: the same data and seed give the same CI."""
     import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return rly.get_interval_estimates(data, func, reps=reps, random_state=np.random.RandomState(seed))
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return rly.get_interval_estimates(data, func, reps=reps, random_state=np.random.RandomState(seed))
+    finally:
+        np.random.set_state(state)
 
 
 def iqm_with_ci(matrices: dict[str, np.ndarray], *, reps: int = 2000, seed: int = 0) -> dict[str, dict]:
     """IQM and its stratified-bootstrap 95 % CI per method (methods with no complete run are left out).
 
     A single-run matrix (a deterministic baseline) has nothing to resample: its CI is its IQM, computed with
-    rliable's ``aggregate_iqm`` without the bootstrap's ``reps`` evaluations."""
+    rliable's ``aggregate_iqm`` without the bootstrap's ``reps`` evaluations. Each method is resampled with its own
+    generator seeded by ``seed``, so a method's CI is the same whichever methods share the report."""
     rly, metrics = import_rliable()
     data = {k: complete_rows(v) for k, v in matrices.items()}
     data = {k: v for k, v in data.items() if v.size}
     many = {k: v for k, v in data.items() if v.shape[0] > 1}
-    point, ci = _bootstrap(rly, many, lambda x: np.array([metrics.aggregate_iqm(x)]), reps, seed) if many else ({}, {})
+    point, ci = {}, {}
+    for k, v in many.items():  # one seeded draw per method: its CI does not depend on the others or their order
+        p_k, ci_k = _bootstrap(rly, {k: v}, lambda x: np.array([metrics.aggregate_iqm(x)]), reps, seed)
+        point[k], ci[k] = p_k[k], ci_k[k]
     out = {}
     for k, v in data.items():
         if k in many:
@@ -290,7 +303,7 @@ def _fmt_ci(d: dict | None) -> str:
 
 def _figures(out_dir: Path, main: list[str], iqm: dict, per_family: dict, families: list[str],
              profiles: tuple[dict, dict], curves: dict[str, dict[str, list[np.ndarray]]],
-             targets: dict[str, float]) -> list[str]:
+             targets: dict[str, float], agents: Sequence[str] = ()) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -335,7 +348,8 @@ def _figures(out_dir: Path, main: list[str], iqm: dict, per_family: dict, famili
             target = targets.get(fam) or 1.0
             runs = {m: [SimpleNamespace(loss=np.asarray(c, dtype=float), target_loss=target, budget=len(c) - 1,
                                         diverged=not np.isfinite(c[-1])) for c in cs] for m, cs in by_method.items()}
-            fig = loss_figure(runs, methods=list(runs), title=f"{fam}: loss / target (median over runs)")
+            fig = loss_figure(runs, methods=list(runs), title=f"{fam}: loss / target (median over runs)",
+                              learned=agents)
             save_figure(fig, str(fig_dir / f"loss_curves_{fam}.png"))
             written.append(f"figures/loss_curves_{fam}.png")
     return written
@@ -488,7 +502,7 @@ def build_report(out_dir: str | os.PathLike, suite: dict, records: list[dict], *
                 curves[rec["family"]].setdefault(label, []).extend(cs)
         targets = {f: float(np.median([r["target_loss"] for r in rows if r["family"] == f])) for f in fam_labels}
         written = _figures(out, main, result["scores"]["epochs"]["overall"], result["scores"]["epochs"]["per_family"],
-                           fam_labels, prof, curves, targets)
+                           fam_labels, prof, curves, targets, agents)
     if tensorboard:
         _tensorboard(out, records, trial_scores)
         written.append("tb/ (tensorboard --logdir tb: HPARAMS tab)")

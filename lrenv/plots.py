@@ -48,7 +48,7 @@ def method_color(name: str, policies: Sequence[str] = ()) -> str | tuple:
     """The colour of ``name`` in every figure: policies in order of ``policies`` (red first), named baselines
     from :data:`BASELINE_COLORS`, fixed schedules along viridis by their value (``fixed c=1.1`` and
     ``fixed lr=1e-03``, drawn dashed), anything else by a stable hash."""
-    if is_policy(name):
+    if is_policy(name) or name in policies:
         i = list(policies).index(name) if name in policies else zlib.crc32(name.encode()) % len(POLICY_COLORS)
         return POLICY_COLORS[i % len(POLICY_COLORS)]
     base = name.split("#")[0].split(" (")[0]
@@ -122,7 +122,7 @@ def default_methods(traces: dict[str, list]) -> list[str]:
 
 # ----------------------------------------------------------------------------- drawing
 def _style(name: str, policies: Sequence[str]) -> dict:
-    if is_policy(name):
+    if is_policy(name) or name in policies:
         return dict(color=method_color(name, policies), lw=2.6, zorder=10, alpha=1.0)
     return dict(color=method_color(name, policies), lw=1.4 if name.startswith("fixed ") else 1.3, zorder=3, alpha=0.9,
                 ls="--" if name.startswith("fixed ") else "-")
@@ -198,10 +198,12 @@ def _loss_axes(ax, traces, methods, policies, title, label_best) -> None:
     ax.grid(True, which="major", alpha=0.25)
 
 
-def loss_figure(traces: dict[str, list], methods: Sequence[str] | None = None, title: str | None = None) -> Figure:
-    """Loss / target against epoch for ``methods`` (default: :func:`default_methods`)."""
+def loss_figure(traces: dict[str, list], methods: Sequence[str] | None = None, title: str | None = None,
+                learned: Sequence[str] = ()) -> Figure:
+    """Loss / target against epoch for ``methods`` (default: :func:`default_methods`); ``learned`` names more
+    methods to draw as learned policies (bold, in the policies' colours), e.g. a benchmark's agents."""
     methods = _ordered(traces, methods)
-    policies = [m for m in methods if is_policy(m)]
+    policies = [m for m in methods if is_policy(m) or m in learned]
     fixed = [n for n in traces if n.startswith("fixed ")]
     best = min(fixed, key=lambda n: rank_key(traces[n])) if fixed else None
     fig, ax = plt.subplots(figsize=(10, 5.5), layout="constrained")

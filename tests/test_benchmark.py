@@ -353,3 +353,23 @@ def test_agent_model_best_scores_the_checkpoint_chosen_on_validation(tmp_path):
         assert sources and all(os.path.basename(s) == file for s in sources), sources
     with pytest.raises(ValueError, match="'model' is final or best"):
         parse_suite({**doc, "agents": {"ppo": {"model": "last"}}})
+
+
+def test_bootstrap_cis_are_reproducible_and_per_method():
+    """The same scores and seed give the same CIs (rliable draws its indices from numpy's global generator, which the
+    report seeds per call), a method's CI does not depend on the other methods in the report, and the caller's global
+    generator state is left as it was."""
+    from lrenv.benchmark_report import iqm_with_ci, probability_of_improvement
+    rng = np.random.default_rng(3)
+    a, b = rng.random((5, 10)), rng.random((5, 10)) + 0.2
+    np.random.seed(7)
+    before = np.random.random()
+    np.random.seed(7)
+    one = iqm_with_ci({"a": a, "b": b}, reps=200)
+    assert np.random.random() == before  # global state untouched
+    assert iqm_with_ci({"a": a, "b": b}, reps=200) == one
+    assert iqm_with_ci({"b": b, "c": a[::-1]}, reps=200)["b"] == one["b"]
+    assert iqm_with_ci({"a": a}, reps=200)["a"] == one["a"]
+    lo, hi = one["a"]["ci95"]
+    assert lo < one["a"]["iqm"] < hi
+    assert probability_of_improvement(a, b, reps=200) == probability_of_improvement(a, b, reps=200)
