@@ -22,6 +22,7 @@ row for baselines (deterministic given the instance), columns are family x insta
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -165,21 +166,27 @@ def complete_rows(m: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- statistics (rliable)
-def _bootstrap(rly: Any, data: dict, func: Any, reps: int, seed: int) -> tuple[dict, dict]:
-    """rliable's stratified bootstrap, seeded (arch's notice that RandomState is deprecated is silenced).
-
-    rliable's stratified bootstraps draw their indices from numpy's *global* generator (``np.random.choice`` in
-    ``_get_indices``), not from the ``random_state`` they are given, so the global generator is seeded here for the
-    call and restored afterwards: the same data and seed give the same CI."""
+@contextlib.contextmanager
+def _seeded_rliable(seed: int):
+    """Seed numpy's *global* generator for an rliable call and restore it afterwards: rliable's stratified bootstraps
+    draw their indices from it (``np.random.choice`` in ``_get_indices``), not from the ``random_state`` they are
+    given, so the same data and seed give the same CIs only this way. Also silences arch's notice that RandomState
+    is deprecated."""
     import warnings
     state = np.random.get_state()
     np.random.seed(seed)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return rly.get_interval_estimates(data, func, reps=reps, random_state=np.random.RandomState(seed))
+            yield
     finally:
         np.random.set_state(state)
+
+
+def _bootstrap(rly: Any, data: dict, func: Any, reps: int, seed: int) -> tuple[dict, dict]:
+    """rliable's stratified bootstrap, seeded (:func:`_seeded_rliable`)."""
+    with _seeded_rliable(seed):
+        return rly.get_interval_estimates(data, func, reps=reps, random_state=np.random.RandomState(seed))
 
 
 def iqm_with_ci(matrices: dict[str, np.ndarray], *, reps: int = 2000, seed: int = 0) -> dict[str, dict]:
@@ -228,9 +235,7 @@ def performance_profiles(matrices: dict[str, np.ndarray], *, taus: np.ndarray = 
     rly, _ = import_rliable()
     data = {k: complete_rows(v) for k, v in matrices.items()}
     data = {k: v for k, v in data.items() if v.size}
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with _seeded_rliable(seed):
         return rly.create_performance_profile(
             data, taus, custom_profile_func=lambda s, t: np.array([np.mean(s <= tau) for tau in t]), reps=reps)
 

@@ -373,3 +373,6 @@ def test_bootstrap_cis_are_reproducible_and_per_method():
     lo, hi = one["a"]["ci95"]
     assert lo < one["a"]["iqm"] < hi
     assert probability_of_improvement(a, b, reps=200) == probability_of_improvement(a, b, reps=200)
+    from lrenv.benchmark_report import performance_profiles
+    (p1, c1), (p2, c2) = (performance_profiles({"a": a}, reps=100) for _ in range(2))
+    np.testing.assert_array_equal(c1["a"], c2["a"])
