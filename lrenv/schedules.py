@@ -220,6 +220,12 @@ class RandomWalkBound(ScaleSchedule):
         return s
 
 
+def _cosine(epoch: int, budget: int, peak: float, final: float) -> float:
+    """The cosine from ``peak`` at the first epoch to ``final`` at the last of ``budget``."""
+    frac = min(epoch / max(budget - 1, 1), 1.0)
+    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
 class CosineDecay(ScaleSchedule):
     """Cosine decay of the scale from ``peak`` to ``final`` over the budget.
 
@@ -237,8 +243,7 @@ class CosineDecay(ScaleSchedule):
         self.peak, self.final = float(peak), float(final)
 
     def scale(self) -> float:
-        frac = min(self.epoch / max(self.task.budget - 1, 1), 1.0)
-        return self.final + (self.peak - self.final) * 0.5 * (1 + math.cos(math.pi * frac))
+        return _cosine(self.epoch, self.task.budget, self.peak, self.final)
 
 
 class CosineDecayPair(Schedule):
@@ -264,8 +269,7 @@ class CosineDecayPair(Schedule):
         self.peak_W, self.peak_H, self.final_frac = float(peak_W), float(peak_H), float(final_frac)
 
     def _action(self, obs: np.ndarray) -> np.ndarray:
-        frac = min(self.epoch / max(self.task.budget - 1, 1), 1.0)
-        shape = self.final_frac + (1.0 - self.final_frac) * 0.5 * (1 + math.cos(math.pi * frac))
+        shape = _cosine(self.epoch, self.task.budget, 1.0, self.final_frac)
         return self.task.action_for_scale(np.array([self.peak_W, self.peak_H]) * shape)
 
     def describe(self) -> dict[str, Any]:

@@ -150,21 +150,29 @@ def test_per_factor_action_for_scale_accepts_a_pair():
         TaskConfig(action_mode="relative").action_for_scale(0.5)
 
 
+def _zero_action_beside(schedule, kw: dict, ref_kw: dict):
+    """Step an env with ``kw`` at a = 0 beside ``schedule`` in an env with ``kw`` updated by ``ref_kw`` (same instance
+    and seed), for the whole budget; yields (epoch, info, schedule's info)."""
+    env = NMFEnv("small", **kw)
+    env.reset(seed=1, options={"instance": 2})
+    ref_env = NMFEnv("small", **{**kw, **ref_kw})
+    obs, _ = ref_env.reset(seed=1, options={"instance": 2})
+    schedule.reset(ref_env.oracle)
+    zero = np.zeros(env.action_space.shape, dtype=np.float32)
+    for t in range(kw["budget"]):
+        a_ref, _ = schedule.predict(obs)
+        obs, *_, info_ref = ref_env.step(a_ref)
+        *_, info = env.step(zero)
+        yield t, info, info_ref
+
+
 def test_decaying_centre_zero_action_is_the_cosine_schedule():
     """action_center_final: a = 0 steps exactly like CosineDecay(peak=centre, final=final_centre); a != 0 is a
     bounded correction of it; the batched env applies the same centre per instance epoch."""
     from lrenv.schedules import CosineDecay
     kw = dict(budget=12, log_range=0.3, action_center=0.6, action_center_final=0.05, dtype="float64")
-    env = NMFEnv("small", **kw)
-    env.reset(seed=1, options={"instance": 2})
-    cos_env = NMFEnv("small", **{**kw, "log_range": 3.0, "action_center_final": None, "action_center": 0.25})
-    cos = CosineDecay(peak=0.6, final=0.05)
-    obs, _ = cos_env.reset(seed=1, options={"instance": 2})
-    cos.reset(cos_env.oracle)
-    for t in range(12):
-        a_cos, _ = cos.predict(obs)
-        obs, *_, info_cos = cos_env.step(a_cos)
-        *_, info = env.step(np.zeros(1, dtype=np.float32))
+    ref_kw = {"log_range": 3.0, "action_center_final": None, "action_center": 0.25}
+    for t, info, info_cos in _zero_action_beside(CosineDecay(peak=0.6, final=0.05), kw, ref_kw):
         want = 0.05 + 0.55 * 0.5 * (1 + math.cos(math.pi * t / 11))
         assert info["lr_W"] / info["bound_W"] == pytest.approx(want, rel=1e-6)
         assert info["lr_H"] == pytest.approx(info_cos["lr_H"], rel=1e-5)
@@ -382,16 +390,8 @@ def test_factor_tilt_zero_action_is_the_per_factor_cosine():
     from lrenv.schedules import CosineDecayPair
     kw = dict(budget=12, action_mode="per_factor", log_range=0.3, action_center=1.0, action_center_final=0.05,
               factor_tilt=[0.9, 0.3], dtype="float64")
-    env = NMFEnv("small", **kw)
-    env.reset(seed=1, options={"instance": 2})
-    pf_env = NMFEnv("small", **{**kw, **CosineDecayPair.env_overrides, "action_center": 0.25})
-    pf = CosineDecayPair(peak_W=0.9, peak_H=0.3, final_frac=0.05)
-    obs, _ = pf_env.reset(seed=1, options={"instance": 2})
-    pf.reset(pf_env.oracle)
-    for t in range(12):
-        a_pf, _ = pf.predict(obs)
-        obs, *_, info_pf = pf_env.step(a_pf)
-        *_, info = env.step(np.zeros(2, dtype=np.float32))
+    ref_kw = {**CosineDecayPair.env_overrides, "action_center": 0.25}
+    for t, info, info_pf in _zero_action_beside(CosineDecayPair(peak_W=0.9, peak_H=0.3, final_frac=0.05), kw, ref_kw):
         shape = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t / 11))
         assert info["lr_W"] / info["bound_W"] == pytest.approx(0.9 * shape, rel=1e-6)
         assert info["lr_H"] / info["bound_H"] == pytest.approx(0.3 * shape, rel=1e-6)
