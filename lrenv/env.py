@@ -180,7 +180,8 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
                                  threads=threads, render_mode=render_mode, **task_kwargs)
         self.family = make_family(problem, **(problem_params or {}))
         self.instances = resolve_instances(instances)
-        self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget, **task_kwargs)
+        self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget,
+                                          **task_kwargs).bind_family(self.family.name)
         self.engine_cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype, threads,
                                         track_noise="grad_noise" in self.task.obs_features)
         self._engine: SGDEngine | None = None  # built at first use: no torch work in the constructor

@@ -111,7 +111,8 @@ def expand_tuned(methods: Iterable[Method | str] | str, problem: str, tuned: str
                  ) -> tuple[list[Method | str], dict[str, dict]]:
     """Replace ``tuned`` (every tuned baseline of the family) and ``tuned:NAME`` (one) by the tuned schedules of
     the family's shipped settings (or of the file ``tuned``); returns the methods and the tuned solvers' options."""
-    from .tune import load_tuned, tuned_methods
+    from .tune import tuned_methods
+    from .tuned_files import load_tuned
     if isinstance(methods, str):
         methods = [s.strip() for s in methods.split(",") if s.strip()]
     out: list[Method | str] = []

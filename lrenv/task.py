@@ -30,6 +30,8 @@ whose purpose is the fit itself, such as ``tutorial``)."""
 RELATIVE_OBS = ("loss", "epoch", "grad_norm", "lr_rel", "loss_slope")
 """Features a relative-mode policy can be given in any training loop: none needs a Lipschitz constant."""
 LR_REFERENCES = ("bound", "absolute")
+TUNED_TILT = "tuned"
+"""``factor_tilt`` value that reads each family's tuned per-factor fixed step (:meth:`TaskConfig.bind_family`)."""
 _TINY = 1e-30
 
 
@@ -125,11 +127,16 @@ class TaskConfig:
     epoch to this at the last (the formula of :class:`lrenv.schedules.CosineDecay`), so ``a = 0`` *is* that cosine
     schedule and the policy learns a bounded correction of it (``10^(log_range * a)``) instead of a schedule from
     scratch. None (default): a constant centre."""
-    factor_tilt: tuple[float, float] | None = None
+    factor_tilt: tuple[float, float] | str | None = None
     """'per_factor' only: multipliers ``(t_W, t_H)`` of the centre for W and H, so ``a = 0`` steps at
     ``t_X * centre * 2/L_X`` -- with a decaying centre, a per-factor cosine
     (:class:`lrenv.schedules.CosineDecayPair` with ``peak_X = t_X * action_center`` and ``final_frac =
-    action_center_final / action_center``). None (default): the same centre for both factors."""
+    action_center_final / action_center``). ``'tuned'``: each environment reads the pair from its family's
+    shipped validation-tuned per-factor fixed step (``lrenv/tuned/<family>.yml``, ``fixed-cwch``: ``t_X = c_X / 2``;
+    :func:`lrenv.tuned_files.tuned_step_scales`), so with ``action_center = 1`` ``a = 0`` *is* that tuned step
+    on every family, and one policy trained over a suite learns a correction of each family's own tuned step
+    (the form that transfers to a family left out of training). None (default): the same centre for both
+    factors."""
     obs_features: tuple[str, ...] = DEFAULT_OBS
     """Observation features, a subset of OBS_FEATURES (see NMFEnv's docstring)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -170,13 +177,16 @@ class TaskConfig:
             if not 0 < self.action_center_final <= self.action_center:
                 raise ValueError(f"action_center_final must be in (0, action_center={self.action_center}], "
                                  f"got {self.action_center_final}")
+        self._tilt: tuple[float, float] | None = None  # factor_tilt as numbers (bind_family resolves 'tuned')
         if self.factor_tilt is not None:
             tilt = tuple(self.factor_tilt) if isinstance(self.factor_tilt, (list, tuple, np.ndarray)) else ()
-            if (self.action_mode != "per_factor" or len(tilt) != 2
-                    or not all(isinstance(t, (int, float, np.number)) and math.isfinite(t) and t > 0 for t in tilt)):
-                raise ValueError(f"factor_tilt must be a pair of positive numbers (t_W, t_H) in the 'per_factor' "
-                                 f"action mode, got {self.factor_tilt!r} with action_mode {self.action_mode!r}")
-            self.factor_tilt = (float(tilt[0]), float(tilt[1]))
+            if self.action_mode != "per_factor" or not (self.factor_tilt == TUNED_TILT or (len(tilt) == 2 and all(
+                    isinstance(t, (int, float, np.number)) and math.isfinite(t) and t > 0 for t in tilt))):
+                raise ValueError(f"factor_tilt must be a pair of positive numbers (t_W, t_H) or {TUNED_TILT!r} in the "
+                                 f"'per_factor' action mode, got {self.factor_tilt!r} with action_mode "
+                                 f"{self.action_mode!r}")
+            if self.factor_tilt != TUNED_TILT:
+                self.factor_tilt = self._tilt = (float(tilt[0]), float(tilt[1]))
         if not 0 <= self.slope_smoothing < 1:
             raise ValueError(f"slope_smoothing must be in [0, 1), got {self.slope_smoothing}")
         if not self.divergence_factor > 1:
@@ -193,9 +203,34 @@ class TaskConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["obs_features"] = list(self.obs_features)
-        if self.factor_tilt is not None:
+        if isinstance(self.factor_tilt, tuple):
             d["factor_tilt"] = list(self.factor_tilt)
         return d
+
+    def bind_family(self, family: str) -> "TaskConfig":
+        """Resolve ``factor_tilt='tuned'`` to ``family``'s tuned per-factor step (an environment calls this with its
+        family's name); returns self. A no-op for every other setting."""
+        if self.factor_tilt == TUNED_TILT:
+            from .tuned_files import tuned_step_scales  # reads YAML only: no import of the evaluation stack
+
+            try:
+                self._tilt = tuned_step_scales(family)
+            except FileNotFoundError:
+                raise ValueError(f"factor_tilt='tuned' reads the family's shipped tuned per-factor fixed step "
+                                 f"(lrenv/tuned/<family>.yml), and there is none for {family!r}: tune it (lrenv tune "
+                                 "--problem ... --methods fixed-cwch --out tuned.yml) and give factor_tilt as the pair "
+                                 "[c_W / 2, c_H / 2] of that file") from None
+            except ValueError as e:
+                raise ValueError(f"factor_tilt='tuned': {e}") from None
+        return self
+
+    @property
+    def tilt(self) -> tuple[float, float] | None:
+        """``factor_tilt`` as numbers ``(t_W, t_H)`` (``'tuned'`` resolved by :meth:`bind_family`), or None."""
+        if self.factor_tilt == TUNED_TILT and self._tilt is None:
+            raise ValueError("factor_tilt='tuned' is resolved per family: build the environment (NMFEnv or the "
+                             "batched env), which calls TaskConfig.bind_family(family), before mapping actions")
+        return self._tilt
 
     # -------------------------------------------------------------- spaces
     @property
@@ -244,7 +279,8 @@ class TaskConfig:
         center = self.center(epoch)
         if np.ndim(center) and batched:
             center = np.reshape(center, (-1, 1))
-        return center if self.factor_tilt is None else center * np.asarray(self.factor_tilt)
+        tilt = self.tilt
+        return center if tilt is None else center * np.asarray(tilt)
 
     def actions_to_lr(self, actions: np.ndarray, L: np.ndarray, prev_lr: np.ndarray | None = None,
                       lr_bounds: tuple[np.ndarray, np.ndarray] | None = None, epoch: np.ndarray | None = None

@@ -29,8 +29,6 @@ from .problems import DEFAULT_PROBLEM, parse_problem_params
 from .schedules import (Armijo, CosineDecay, CosineDecayPair, FixedScale, FixedScalePair, RandomWalkBound, Schedule,
                         TwoPhase)
 
-TUNED_DIR = Path(__file__).parent / "tuned"
-"""The tuned settings shipped for the built-in families (``<family>.yml``)."""
 MISS_FACTOR = 2.0
 """A run that misses the target scores this many budgets (as in lrenv benchmark)."""
 
@@ -181,26 +179,6 @@ def tuning_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_label(m['params'])}{edge} | {m['score']:.1f} | {_label(m['default_params'])} | "
                      f"{m['default_score']:.1f} | {m['settings_tried']} |")
     return "\n".join(lines) + "\n"
-
-
-def load_tuned(problem: str, path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The tuned-settings document for ``problem``: ``path`` if given, else the one shipped for the family."""
-    if path is None:
-        name = Path(str(problem)).stem if os.path.splitext(str(problem))[1] else str(problem)
-        path = TUNED_DIR / f"{name}.yml"
-        if not path.exists():
-            raise FileNotFoundError(f"no tuned settings shipped for {problem!r}; run `lrenv tune --problem {problem} "
-                                    f"--out tuned.yml` and pass --tuned tuned.yml")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"tuned settings file not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(doc, dict) or not isinstance(doc.get("methods"), dict):
-        raise ValueError(f"{path}: not a tuned-settings file (no 'methods' mapping); write one with lrenv tune")
-    return doc
 
 
 def tuned_methods(doc: dict[str, Any], only: str | None = None) -> tuple[list[Schedule | str], dict[str, dict]]:

@@ -97,7 +97,8 @@ class BatchedNMFVecEnv(VecEnv):
         self.render_mode = None
         self.family = make_family(problem, **(problem_params or {}))
         self.instances = resolve_instances(instances)
-        self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget, **task_kwargs)
+        self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget,
+                                          **task_kwargs).bind_family(self.family.name)
         cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype, threads,
                             track_noise="grad_noise" in self.task.obs_features)
         self.memory_bytes = check_memory(cfg, int(num_envs))

@@ -220,7 +220,8 @@ BAD_SETTINGS = [
     ("clip_range:-0.2", ["clip_range:-0.2"], "clip_range: must be a finite number > 0, got -0.2"),
     ("env_kwargs.budget:0", ["env_kwargs.budget:0"], "env_kwargs.budget: must be an integer >= 1, got 0"),
     ("env_kwargs.factor_tilt:[1, 0]", ["env_kwargs.factor_tilt:[1, 0]"],
-     "env_kwargs.factor_tilt: must be a pair of positive numbers [t_W, t_H], got [1, 0]"),
+     "env_kwargs.factor_tilt: must be a pair of positive numbers [t_W, t_H] or 'tuned' (the family's tuned per-factor "
+     "step), got [1, 0]"),
     ("--checkpoint-freq -5", ["--checkpoint-freq", "-5"], "--checkpoint-freq (0: no checkpoints): must be an integer"),
     ("--exp ../../escape", ["--exp", "../../escape"], "--exp: run names may hold letters"),
     ("--problem-param m=abc", ["--problem-param", "m=abc"], "parameter m must be a positive integer, got 'abc'"),

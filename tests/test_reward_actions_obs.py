@@ -420,3 +420,44 @@ def test_factor_tilt_zero_action_is_the_per_factor_cosine():
         TaskConfig(factor_tilt=(1.0, 1.0))
     with pytest.raises(ValueError, match="CosineDecayPair: need"):
         CosineDecayPair(peak_W=0.5, peak_H=0.5, final_frac=0.0)
+
+
+def test_tuned_factor_tilt_zero_action_is_each_familys_tuned_per_factor_step(tmp_path):
+    """factor_tilt='tuned': every env reads its family's shipped fixed-cwch (t_X = c_X / 2; fixed-c for both where
+    the file has no per-factor step), so a = 0 steps exactly like FixedScalePair(c_W, c_H) of that file, in the single,
+    the batched and the suite env; the setting survives to_dict unresolved (a policy carries 'tuned', not one
+    family's numbers) and needs an env to resolve it."""
+    from lrenv import SuiteEnv
+    from lrenv.schedules import FixedScalePair
+    from lrenv.tuned_files import load_tuned, tuned_step_scales
+
+    kw = dict(budget=8, action_mode="per_factor", log_range=0.3, action_center=1.0, factor_tilt="tuned",
+              dtype="float64")
+    params = load_tuned("small")["methods"]["fixed-cwch"]["params"]
+    for t, info, info_ref in _zero_action_beside(FixedScalePair(params["c_W"], params["c_H"]), kw,
+                                                 FixedScalePair.env_overrides):
+        assert info["lr_W"] / info["bound_W"] == pytest.approx(params["c_W"] / 2, rel=1e-6)
+        assert info["lr_H"] / info["bound_H"] == pytest.approx(params["c_H"] / 2, rel=1e-6)
+        assert info["loss"] == pytest.approx(info_ref["loss"], rel=1e-6)
+    venv = BatchedNMFVecEnv("small", num_envs=2, **kw)
+    venv.reset_instances([2, 3], [1, 5])
+    _, _, _, infos = venv.step(np.zeros((2, 2), dtype=np.float32))
+    assert infos[1]["lr_H"] / infos[1]["bound_H"] == pytest.approx(params["c_H"] / 2, rel=1e-6)
+    suite = SuiteEnv(**{k: v for k, v in kw.items() if k != "budget"})
+    for name in suite.entry_names:
+        assert suite.entry_env(name).task.tilt == tuned_step_scales(suite.entry_env(name).family.name)
+    assert tuned_step_scales("sales") != tuned_step_scales("tutorial")  # one number per family, not one for all
+    c = load_tuned("medium")["methods"]["fixed-c"]["params"]["c"]
+    assert "fixed-cwch" not in load_tuned("medium")["methods"] and tuned_step_scales("medium") == (c / 2, c / 2)
+    task = TaskConfig(**{k: v for k, v in kw.items() if k != "dtype"})
+    assert task.to_dict()["factor_tilt"] == "tuned" and NMFEnv("small", **kw).task.to_dict()["factor_tilt"] == "tuned"
+    with pytest.raises(ValueError, match="factor_tilt='tuned' is resolved per family: build the environment"):
+        task.actions_to_lr(np.zeros((1, 2)), np.ones((1, 2)))
+    matrix = tmp_path / "mine.npy"
+    np.save(matrix, np.abs(np.random.default_rng(0).normal(size=(30, 20))))
+    with pytest.raises(ValueError, match=r"there is none for 'matrix': tune it .*give factor_tilt as the pair "
+                                         r"\[c_W / 2, c_H / 2\]"):
+        NMFEnv(str(matrix), **kw)
+    with pytest.raises(ValueError, match="or 'tuned' in the 'per_factor' action mode, got 'tuned' with action_mode "
+                                         "'relative'"):
+        TaskConfig(action_mode="relative", factor_tilt="tuned")

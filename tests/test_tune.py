@@ -6,7 +6,8 @@ import yaml
 from lrenv.cli import main
 from lrenv.evaluate import evaluate
 from lrenv.problems import TEST_SEEDS, VALIDATION_SEEDS
-from lrenv.tune import SEARCH_SPACES, load_tuned, make_tuned, run_scores, tune
+from lrenv.tune import SEARCH_SPACES, make_tuned, run_scores, tune
+from lrenv.tuned_files import load_tuned
 
 TINY = dict(problem="small", problem_params=dict(m=60, n=20, rank=3, target_factor=1.1), budget=40)
 

@@ -208,7 +208,7 @@ def _env_schema() -> dict[str, Check]:
         "log_range": real(0.0),
         "action_center": real(0.0),
         "action_center_final": optional(real(0.0)),
-        "factor_tilt": optional(_positive_pair),
+        "factor_tilt": optional(_tilt),
         "obs_features": _obs_features,
         "reward": _reward,
         "divergence_factor": real(1.0),
@@ -224,9 +224,9 @@ RESERVED_ENV_KEYS = ("problem", "problem_params", "instances", "device", "thread
 --env-device...), not from env_kwargs."""
 
 
-def _positive_pair(key: str, v: Any) -> None:
-    if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_real(t) and t > 0 for t in v)):
-        _fail(key, v, "must be a pair of positive numbers [t_W, t_H]")
+def _tilt(key: str, v: Any) -> None:
+    if v != "tuned" and not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_real(t) and t > 0 for t in v)):
+        _fail(key, v, "must be a pair of positive numbers [t_W, t_H] or 'tuned' (the family's tuned per-factor step)")
 
 
 def _check_mapping(key: str, mapping: dict, schema: dict[str, Check]) -> None:
