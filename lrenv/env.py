@@ -77,7 +77,8 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     ``action_center_final`` the centre decays along a cosine from ``action_center`` to it over the budget
     (:class:`lrenv.schedules.CosineDecay`'s formula): ``a = 0`` is then that cosine schedule and the policy learns a
     correction of it (also in ``per_factor`` mode, where ``factor_tilt = (t_W, t_H)`` scales each factor's centre:
-    ``a = 0`` is then the per-factor cosine :class:`lrenv.schedules.CosineDecayPair`).
+    ``a = 0`` is then the per-factor cosine :class:`lrenv.schedules.CosineDecayPair`; ``factor_tilt='tuned'`` reads
+    the pair from the family's shipped tuned per-factor fixed step, so with ``action_center=1`` ``a = 0`` is that step).
     ``action_mode="paper"``: ``a in [0, lr_max]`` is the absolute learning rate of both factors.
     ``action_mode="relative"``: ``a in [-1, 1]`` multiplies each factor's step size in force by
     ``10^(relative_range * a)``, clipped to ``[lr_min, lr_max]``; before the first step it is ``lr_init``.
