@@ -45,9 +45,12 @@ def test_suite_errors_name_the_problem():
         parse_suite({**base, "families": {"small": {"budget": 0}}})
     with pytest.raises(ValueError, match="unknown suite 'smok'.*shipped suites are core, core-lite, smoke"):
         load_suite("smok")
-    for name in ("variants-small", "variants-small-long", "variants-families", "variants-lofo", "variants-sales", "variants-small-pf", "variants-illcond"):  # issue 12 searches
+    from lrenv.benchmark import SUITES_DIR
+    variants = sorted(p.stem for p in SUITES_DIR.glob("variants-*.yml"))  # issue 12's searches: every one loads
+    assert len(variants) >= 18
+    for name in variants:
         suite = load_suite(name)
-        assert len(suite.agents) >= 1 and len(suite.seeds) >= 5
+        assert len(suite.agents) >= 1 and len(suite.seeds) >= 5 and expand(suite)
 
 
 # ----------------------------------------------------------------------------- the report on a toy table
