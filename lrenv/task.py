@@ -180,12 +180,13 @@ class TaskConfig:
         self._tilt: tuple[float, float] | None = None  # factor_tilt as numbers (bind_family resolves 'tuned')
         if self.factor_tilt is not None:
             tilt = tuple(self.factor_tilt) if isinstance(self.factor_tilt, (list, tuple, np.ndarray)) else ()
-            if self.action_mode != "per_factor" or not (self.factor_tilt == TUNED_TILT or (len(tilt) == 2 and all(
+            tuned = isinstance(self.factor_tilt, str) and self.factor_tilt == TUNED_TILT
+            if self.action_mode != "per_factor" or not (tuned or (len(tilt) == 2 and all(
                     isinstance(t, (int, float, np.number)) and math.isfinite(t) and t > 0 for t in tilt))):
                 raise ValueError(f"factor_tilt must be a pair of positive numbers (t_W, t_H) or {TUNED_TILT!r} in the "
                                  f"'per_factor' action mode, got {self.factor_tilt!r} with action_mode "
                                  f"{self.action_mode!r}")
-            if self.factor_tilt != TUNED_TILT:
+            if not tuned:
                 self.factor_tilt = self._tilt = (float(tilt[0]), float(tilt[1]))
         if not 0 <= self.slope_smoothing < 1:
             raise ValueError(f"slope_smoothing must be in [0, 1), got {self.slope_smoothing}")
@@ -210,7 +211,7 @@ class TaskConfig:
     def bind_family(self, family: str) -> "TaskConfig":
         """Resolve ``factor_tilt='tuned'`` to ``family``'s tuned per-factor step (an environment calls this with its
         family's name); returns self. A no-op for every other setting."""
-        if self.factor_tilt == TUNED_TILT:
+        if self.factor_tilt == TUNED_TILT:  # a pair is a tuple by now (__post_init__), never an array
             from .tuned_files import tuned_step_scales  # reads YAML only: no import of the evaluation stack
 
             try:

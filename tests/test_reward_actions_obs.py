@@ -399,6 +399,7 @@ def test_factor_tilt_zero_action_is_the_per_factor_cosine():
         assert info["loss"] == pytest.approx(info_pf["loss"], rel=1e-5)
     task = TaskConfig(**{k: v for k, v in kw.items() if k != "dtype"})
     assert task.factor_tilt == (0.9, 0.3) and task.to_dict()["factor_tilt"] == [0.9, 0.3]
+    assert TaskConfig(action_mode="per_factor", factor_tilt=np.array([0.9, 0.3])).tilt == (0.9, 0.3)
     L = np.array([[2.0, 4.0], [2.0, 4.0]])
     lr, _, _ = task.actions_to_lr(np.array([[0.5, -1.0], [0.0, 1.0]]), L, epoch=np.array([0, 11]))
     np.testing.assert_allclose(lr, [[0.9 * 10 ** 0.15, 2 * 0.3 / 4 * 10 ** -0.3],
