@@ -24,7 +24,7 @@ import numpy as np
 
 from .env import LROracle
 from .suite import is_suite
-from .task import TaskConfig
+from .task import TaskConfig, cosine_decay
 
 LOG_RANGE = 3.0
 """Decades each side of the bound used by the log_bound schedules (lr from 1e-3 to 1e3 times 2/L)."""
@@ -220,12 +220,6 @@ class RandomWalkBound(ScaleSchedule):
         return s
 
 
-def _cosine(epoch: int, budget: int, peak: float, final: float) -> float:
-    """The cosine from ``peak`` at the first epoch to ``final`` at the last of ``budget``."""
-    frac = min(epoch / max(budget - 1, 1), 1.0)
-    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * frac))
-
-
 class CosineDecay(ScaleSchedule):
     """Cosine decay of the scale from ``peak`` to ``final`` over the budget.
 
@@ -243,7 +237,7 @@ class CosineDecay(ScaleSchedule):
         self.peak, self.final = float(peak), float(final)
 
     def scale(self) -> float:
-        return _cosine(self.epoch, self.task.budget, self.peak, self.final)
+        return float(cosine_decay(self.epoch, self.task.budget, self.peak, self.final))
 
 
 class CosineDecayPair(Schedule):
@@ -269,7 +263,7 @@ class CosineDecayPair(Schedule):
         self.peak_W, self.peak_H, self.final_frac = float(peak_W), float(peak_H), float(final_frac)
 
     def _action(self, obs: np.ndarray) -> np.ndarray:
-        shape = _cosine(self.epoch, self.task.budget, 1.0, self.final_frac)
+        shape = float(cosine_decay(self.epoch, self.task.budget, 1.0, self.final_frac))
         return self.task.action_for_scale(np.array([self.peak_W, self.peak_H]) * shape)
 
     def describe(self) -> dict[str, Any]:

@@ -35,6 +35,13 @@ TUNED_TILT = "tuned"
 _TINY = 1e-30
 
 
+def cosine_decay(epoch: np.ndarray | int, budget: int, peak: float, final: float) -> np.ndarray | float:
+    """The cosine from ``peak`` at the first epoch to ``final`` at the last of ``budget`` (elementwise in
+    ``epoch``): the decaying centre here and the cosine schedules (:mod:`lrenv.schedules`) share this formula."""
+    frac = np.minimum(np.asarray(epoch, dtype=np.float64) / max(budget - 1, 1), 1.0)
+    return final + (peak - final) * 0.5 * (1.0 + np.cos(np.pi * frac))
+
+
 @dataclass
 class RewardConfig:
     """The reward: its kind and the weights of its terms (defaults: the paper's reward, SPEC §1).
@@ -270,9 +277,7 @@ class TaskConfig:
             return self.action_center
         if epoch is None:
             raise ValueError("a decaying centre (action_center_final) needs the epoch of the step")
-        frac = np.minimum(np.asarray(epoch, dtype=np.float64) / max(self.budget - 1, 1), 1.0)
-        lo, hi = self.action_center_final, self.action_center
-        return lo + (hi - lo) * 0.5 * (1.0 + np.cos(np.pi * frac))
+        return cosine_decay(epoch, self.budget, self.action_center, self.action_center_final)
 
     def _factor_center(self, epoch: np.ndarray | int | None, batched: bool) -> np.ndarray | float:
         """:meth:`center` as the log-bound maps use it: (B, 1) for B epochs when ``batched``, and with

@@ -225,7 +225,8 @@ RESERVED_ENV_KEYS = ("problem", "problem_params", "instances", "device", "thread
 
 
 def _tilt(key: str, v: Any) -> None:
-    if v != "tuned" and not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_real(t) and t > 0 for t in v)):
+    from lrenv.task import TUNED_TILT
+    if v != TUNED_TILT and not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_real(t) and t > 0 for t in v)):
         _fail(key, v, "must be a pair of positive numbers [t_W, t_H] or 'tuned' (the family's tuned per-factor step)")
 
 
