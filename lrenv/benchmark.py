@@ -385,7 +385,8 @@ def _run_training(trial: Trial, tdir: Path) -> dict:
         env_kwargs["budget"] = spec["budget"]
     hp["env_kwargs"] = env_kwargs
     cfg = TrainConfig(problem=spec["problem"], problem_params=spec["problem_params"], exp=trial.method,
-                      seed=spec["seed"], hyperparams=hp, torch_threads=1, env_threads=1, runs_dir=str(tdir),
+                      seed=spec["seed"], hyperparams=hp, torch_threads=1, env_threads=1, env_workers=1,
+                      runs_dir=str(tdir),
                       progress=False, **spec["train"])
     run_dir = train(cfg)
     os.replace(run_dir, tdir / "run")  # a fixed name: the agent trial and the report find it without a glob

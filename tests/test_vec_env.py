@@ -159,3 +159,13 @@ def test_bench_ppo_runs_the_training_setup():
     assert null["n_steps"] == 256 and null["steps_per_s"] > 0
     real = measure_ppo("batched", 2, 512, torch.device("cpu"))
     assert real["steps"] == 512 and real["steps_per_s"] > 0
+
+
+def test_bench_ppo_default_env_processes():
+    """The PPO benchmark's default is `lrenv train`'s: the batched env in one process per core where the
+    problems are large enough (small, 8 envs), and `batched-1proc` keeps it in PPO's process."""
+    from lrenv.agents.bench import measure_ppo
+    from lrenv.sharded_vec_env import auto_workers
+    default = measure_ppo("batched", 8, 2048, torch.device("cpu"))
+    assert default["env_workers"] == auto_workers(8, 1000 * 100 * 10) and default["steps"] == 2048
+    assert measure_ppo("batched-1proc", 8, 2048, torch.device("cpu"))["env_workers"] == 1

@@ -182,22 +182,26 @@ class NullVecEnv(VecEnv):
         return [False for _ in self._get_indices(indices)]
 
 
-PPO_KINDS = ("batched", "dummy", "null")
+PPO_KINDS = ("batched", "batched-1proc", "dummy", "null")
+"""``batched``: the default (``--env-workers 0``: one process per core where the problems are large enough);
+``batched-1proc``: the batched env in PPO's process (``--env-workers 1``)."""
 
 
 def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset: str = "small",
                 env_threads_: int = 1) -> dict:
     """End-to-end PPO training steps/s set up exactly as ``lrenv train --problem PRESET --vec KIND`` does
     (the zoo hyperparameters, VecMonitor, VecNormalize), from a fresh policy; ``kind="null"`` swaps in
-    :class:`NullVecEnv` to measure PPO alone. Also reports how many episodes ended per 1000 steps: an
-    untrained policy's episodes are short, so resets weigh more early in training."""
+    :class:`NullVecEnv` to measure PPO alone, ``batched-1proc`` is ``--vec batched --env-workers 1``. Also
+    reports how many episodes ended per 1000 steps (an untrained policy's episodes are short, so resets weigh
+    more early in training) and the env's worker processes."""
     import tempfile
     from lrenv.agents.train import TrainConfig, env_threads, load_hyperparams, make_model, make_vec_env, wrap_normalize
     from stable_baselines3.common.vec_env import VecMonitor
     from lrenv.problems import make_family
     hp = load_hyperparams(preset, [f"n_envs:{n_envs}"])
-    cfg = TrainConfig(problem=preset, vec="dummy" if kind == "null" else kind, env_device=str(device),
-                      hyperparams=hp, progress=False, env_threads=env_threads_)
+    cfg = TrainConfig(problem=preset, vec={"null": "dummy", "batched-1proc": "batched"}.get(kind, kind),
+                      env_device=str(device), hyperparams=hp, progress=False, env_threads=env_threads_,
+                      env_workers=1 if kind == "batched-1proc" else 0)
     if kind == "null":
         monitor = VecMonitor(NullVecEnv(n_envs, make_family(preset).budget))
     else:
@@ -215,8 +219,11 @@ def measure_ppo(kind: str, n_envs: int, steps: int, device: torch.device, preset
             elapsed = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
+        workers = getattr(monitor.venv, "workers", 1)
+        monitor.close()  # ends a sharded env's worker processes
     done = model.num_timesteps - before
     return dict(steps_per_s=done / elapsed, steps=done, torch_threads=cfg.torch_threads, env_threads=env_threads(cfg),
+                env_workers=workers,
                 episodes_per_1000_steps=1000.0 * (monitor.episode_count - episodes) / done,
                 n_steps=hp.get("n_steps"), batch_size=hp.get("batch_size"), n_epochs=hp.get("n_epochs"))
 
@@ -240,10 +247,10 @@ _CHILD = """
 import json, os, sys, time
 import torch
 from lrenv.agents.bench import measure_ppo, measure_evaluation
-kind, threads, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+kind, threads, steps, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 c0 = time.process_time()
 if kind == "ppo":
-    r = measure_ppo("batched", 8, steps, torch.device("cpu"), env_threads_=threads)
+    r = measure_ppo("batched-1proc" if workers == 1 else "batched", 8, steps, torch.device("cpu"), env_threads_=threads)
     r["seconds"] = r["steps"] / r["steps_per_s"]
 else:
     r = measure_evaluation(threads)
@@ -256,16 +263,20 @@ def measure_evaluation(threads: int, seeds: int = 4) -> dict:
     """Seconds for a small evaluation (tuned-baseline-like schedules and Armijo on ``small``) on ``threads``."""
     from lrenv.evaluate import evaluate
     t0 = time.perf_counter()
+    from lrenv.parallel import can_fork, default_workers
     evaluate("fixed-scale,cosine,two-phase,armijo", problem="small", seeds=seeds, save=False, progress=False,
              verbose=False, threads=threads or None)
-    return {"seconds": time.perf_counter() - t0}
+    return {"seconds": time.perf_counter() - t0,
+            "env_workers": default_workers() if can_fork("cpu", threads or None) else 1}
 
 
 def contention_table(ppo_steps: int = 8192, thread_options: tuple[int, ...] = (1, 0),
                      wait_policies: tuple[str | None, ...] = (None, "PASSIVE"), busy_seconds: float = 900.0) -> list[dict]:
     """PPO training on ``small`` (8 envs) and an evaluation, each in a fresh process, for every env thread count
     (0 = every core) and OpenMP wait policy, on the machine as it is ("idle") and with one competing CPU-bound
-    process that this function starts and stops itself ("busy", a bounded busy loop)."""
+    process that this function starts and stops itself ("busy", a bounded busy loop). PPO also runs with the
+    batched env in its own process (``--env-workers 1``) next to the default (one process per core, where the
+    default thread count allows it). Process CPU time counts this process only, not a sharded env's workers."""
     import subprocess
     import sys
     rows = []
@@ -275,24 +286,28 @@ def contention_table(ppo_steps: int = 8192, thread_options: tuple[int, ...] = (1
             busy = subprocess.Popen([sys.executable, "-c", _BUSY, str(busy_seconds)])
         try:
             for kind in ("ppo", "evaluate"):
-                for threads in thread_options:
-                    for policy in wait_policies:
-                        env = dict(os.environ)
-                        env.pop("OMP_WAIT_POLICY", None)
-                        if policy:
-                            env["OMP_WAIT_POLICY"] = policy
-                        out = subprocess.run([sys.executable, "-c", _CHILD, kind, str(threads), str(ppo_steps)],
-                                             env=env, capture_output=True, text=True, timeout=busy_seconds)
-                        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-                        if line is None:
-                            raise RuntimeError(f"contention child failed: {out.stderr[-2000:]}")
-                        r = json.loads(line[len("RESULT "):])
-                        row = dict(condition=condition, kind=kind, env_threads=threads or os.cpu_count(),
-                                   wait_policy=policy or "default", seconds=r["seconds"], cpu_s=r["cpu_s"],
-                                   load1=os.getloadavg()[0])
-                        rows.append(row)
-                        print(f"  {condition:4} {kind:8} threads {row['env_threads']} {row['wait_policy']:8} "
-                              f"{row['seconds']:.1f} s (cpu {row['cpu_s']:.1f} s)", flush=True)
+                settings = [(t, p, 0) for t in thread_options for p in wait_policies]
+                if kind == "ppo":
+                    settings.insert(1, (1, None, 1))
+                for threads, policy, workers in settings:
+                    env = dict(os.environ)
+                    env.pop("OMP_WAIT_POLICY", None)
+                    if policy:
+                        env["OMP_WAIT_POLICY"] = policy
+                    out = subprocess.run([sys.executable, "-c", _CHILD, kind, str(threads), str(ppo_steps),
+                                          str(workers)], env=env, capture_output=True, text=True,
+                                         timeout=busy_seconds)
+                    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+                    if line is None:
+                        raise RuntimeError(f"contention child failed: {out.stderr[-2000:]}")
+                    r = json.loads(line[len("RESULT "):])
+                    row = dict(condition=condition, kind=kind, env_threads=threads or os.cpu_count(),
+                               wait_policy=policy or "default", env_workers=r.get("env_workers", 1),
+                               seconds=r["seconds"], cpu_s=r["cpu_s"], load1=os.getloadavg()[0])
+                    rows.append(row)
+                    print(f"  {condition:4} {kind:8} threads {row['env_threads']} {row['wait_policy']:8} "
+                          f"processes {row['env_workers']} {row['seconds']:.1f} s (cpu {row['cpu_s']:.1f} s)",
+                          flush=True)
         finally:
             if busy is not None:
                 busy.kill()
@@ -556,9 +571,11 @@ def run(args: argparse.Namespace) -> int:
     from lrenv.vec_env import available_memory
     if args.contention:
         rows = contention_table(ppo_steps=args.ppo_steps or 8192)
-        print(f"\n{'condition':9} {'kind':8} {'env threads':>11} {'wait':8} {'seconds':>8} {'cpu s':>6} {'x best':>6}")
+        print(f"\n{'condition':9} {'kind':8} {'env threads':>11} {'wait':8} {'processes':>9} {'seconds':>8} {'cpu s':>6} "
+              f"{'x best':>6}")
         for r in rows:
-            print(f"{r['condition']:9} {r['kind']:8} {r['env_threads']:>11} {r['wait_policy']:8} {r['seconds']:>8.1f} "
+            print(f"{r['condition']:9} {r['kind']:8} {r['env_threads']:>11} {r['wait_policy']:8} {r['env_workers']:>9} "
+                  f"{r['seconds']:>8.1f} "
                   f"{r['cpu_s']:>6.1f} {r['over_best']:>6.2f}")
         _write({"contention": rows, "torch": torch.__version__}, args.out)
         return 0
@@ -655,10 +672,11 @@ def print_report(result: dict) -> None:
         print(f"\nPPO end to end on small, fresh policy, as `lrenv train` sets it up (n_steps {any_run['n_steps']}, "
               f"batch {any_run['batch_size']}, n_epochs {any_run['n_epochs']}; PPO on {any_run['torch_threads']} torch "
               f"thread, the envs' SGD on {any_run['env_threads']}); null = an env that costs nothing")
-        print(f"{'env':8} {'steps/s':>8} {'of null':>8} {'episodes/1k steps':>18}")
+        print(f"{'env':13} {'steps/s':>8} {'of null':>8} {'episodes/1k steps':>18} {'env processes':>14}")
         for kind, r in result["ppo"].items():
             share = "-" if not ceiling else f"{r['steps_per_s'] / ceiling:.2f}"
-            print(f"{kind:8} {r['steps_per_s']:>8.0f} {share:>8} {r['episodes_per_1000_steps']:>18.1f}")
+            print(f"{kind:13} {r['steps_per_s']:>8.0f} {share:>8} {r['episodes_per_1000_steps']:>18.1f} "
+                  f"{r.get('env_workers', 1):>14}")
     for name, t in result.get("targets", {}).items():
         print(f"target {name}: {t['value']:.2f} vs {t['target']} -> {'MET' if t['met'] else 'NOT MET'}")
 

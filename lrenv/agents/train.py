@@ -73,6 +73,10 @@ class TrainConfig:
     env_threads: int = 1
     """Torch threads while the environments' SGD computes on a CPU (0: every core). One by default: on a busy
     machine more threads wait for each other (2-30x slower, README "Threads"), while idle they gain little."""
+    env_workers: int = 0
+    """Processes of the batched env on a CPU (``lrenv.sharded_vec_env``): its envs split into this many shards, each
+    stepped by one process on one thread. 0: automatic, one per available core where the problems are large enough
+    to pay for the pipes (small: 2 on 2 cores; tutorial, illcond: 1); 1: everything in this process."""
     eval_freq: int = 10_000
     """Evaluate on validation instances every this many timesteps (0 = never); selects best_model.zip."""
     eval_episodes: int = 5
@@ -192,8 +196,8 @@ def make_vec_env(cfg: TrainConfig, n_envs: int, instances="train", seed: int = 0
         raise ValueError(f"unknown vec kind {cfg.vec!r}; choose one of {VEC_KINDS}")
     kwargs = dict(cfg.env_kwargs, device=cfg.env_device, threads=env_threads(cfg))
     if cfg.vec == "batched":
-        from lrenv.vec_env import BatchedNMFVecEnv
-        venv = BatchedNMFVecEnv(num_envs=n_envs, instances=instances, **kwargs)
+        from lrenv.sharded_vec_env import batched_vec_env
+        venv = batched_vec_env(n_envs, workers=cfg.env_workers or None, instances=instances, **kwargs)
     elif cfg.vec == "subproc" and n_envs > 1:
         venv = SubprocVecEnv([make_env_fn(kwargs, instances) for _ in range(n_envs)])
     else:
@@ -442,6 +446,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env-threads", type=int, default=1,
                    help="torch threads of the environments' SGD on CPU (0: every core; more than one is slower on a "
                         "busy machine)")
+    p.add_argument("--env-workers", type=int, default=0,
+                   help="processes of the batched env on CPU, each stepping a share of the envs on one thread (0: one "
+                        "per core where the problems are large enough; 1: all in this process)")
     p.add_argument("--eval-freq", type=int, default=10_000, help="evaluation on validation instances every N timesteps, selects best_model.zip (0: off)")
     p.add_argument("--eval-episodes", type=int, default=5, help="validation instances per evaluation")
     p.add_argument("--checkpoint-freq", type=int, default=20_000,
@@ -449,7 +456,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", default="runs", help="where run directories are created")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its newest usable checkpoint; only n_timesteps:N (to extend "
-                        "a run), --device, --env-device, --threads, --env-threads and --no-progress may be given with it")
+                        "a run), --device, --env-device, --threads, --env-threads, --env-workers and --no-progress may be given "
+                        "with it")
     p.add_argument("--allow-missing-normalization", action="store_true",
                    help="with --resume: accept a checkpoint whose VecNormalize statistics are missing (fresh ones)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -460,7 +468,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig(problem=args.problem, problem_params=parse_problem_params(args.problem_param), exp=args.exp,
                       seed=args.seed, hyperparams=load_hyperparams(args.problem, args.overrides, args.hyperparams),
                       vec=args.vec, device=args.device, env_device=args.env_device, torch_threads=args.threads,
-                      env_threads=args.env_threads, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes,
+                      env_threads=args.env_threads, env_workers=args.env_workers, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes,
                       checkpoint_freq=args.checkpoint_freq, runs_dir=args.runs_dir, progress=not args.no_progress)
     validate_config(cfg)
     return cfg
@@ -476,7 +484,7 @@ def config_from_run(run_dir: str | Path) -> TrainConfig:
 
 
 RESUME_MAY_CHANGE = {"device": "device", "env_device": "env_device", "threads": "torch_threads",
-                     "env_threads": "env_threads"}
+                     "env_threads": "env_threads", "env_workers": "env_workers"}
 """Options that only say where and how fast to compute: a resumed run takes the new value."""
 RESUME_FIXED = {"problem": "problem", "exp": "exp", "seed": "seed", "vec": "vec", "eval_freq": "eval_freq",
                 "eval_episodes": "eval_episodes", "checkpoint_freq": "checkpoint_freq"}

@@ -318,6 +318,10 @@ def validate_config(cfg: Any) -> None:
     integer(1)("--eval-episodes", cfg.eval_episodes)
     integer(1)("--threads", cfg.torch_threads)
     integer(0)("--env-threads (0: every core)", cfg.env_threads)
+    integer(0)("--env-workers (0: automatic)", cfg.env_workers)
+    n_envs = cfg.hyperparams.get("n_envs")
+    if cfg.env_workers > 1 and isinstance(n_envs, int) and cfg.env_workers > n_envs:
+        _fail("--env-workers", cfg.env_workers, f"exceeds n_envs = {n_envs}: each process steps at least one env")
     one_of(*VEC_KINDS)("--vec", cfg.vec)
     check_device("--device", cfg.device)
     check_device("--env-device", cfg.env_device)
