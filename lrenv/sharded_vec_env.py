@@ -197,16 +197,18 @@ class ShardedVecEnv(VecEnv):
         return len(self.bounds)
 
     def _gather(self, shards: Iterable[int]) -> list[Any]:
-        out = []
+        """The answers of the listed workers; every answer is read before a worker's error is raised, so the pipes
+        stay in step for the next command."""
+        answers = []
         for k in shards:
             conn = self._conns[k]
             assert conn is not None
-            status, value = conn.recv()
+            answers.append((k, *conn.recv()))
+        for k, status, value in answers:
             if status == "error":
                 start, stop = self.bounds[k]
                 raise _in_worker(value, f"in the worker of envs {start}..{stop - 1}") from value
-            out.append(value)
-        return out
+        return [value for _, _, value in answers]
 
     def _call(self, shards: Sequence[int], cmd: str, args: Sequence[Any]) -> list[Any]:
         """``cmd`` on each listed shard: sent to the workers first, then run here for shard 0, then collected."""
@@ -218,10 +220,20 @@ class ShardedVecEnv(VecEnv):
                 conn = self._conns[k]
                 assert conn is not None
                 conn.send((cmd, a))
-        done = {0: _handle(self._local, cmd, args[shards.index(0)])} if 0 in shards else {}
         remote = [k for k in shards if k]
+        try:
+            done = {0: _handle(self._local, cmd, args[shards.index(0)])} if 0 in shards else {}
+        except BaseException:
+            self._gather_quietly(remote)
+            raise
         done.update(zip(remote, self._gather(remote)))
         return [done[k] for k in shards]
+
+    def _gather_quietly(self, shards: Sequence[int]) -> None:
+        try:
+            self._gather(shards)
+        except Exception:  # noqa: BLE001 - the first shard's error is the one raised
+            pass
 
     def _by_shard(self, indices: VecEnvIndices) -> dict[int, list[int]]:
         """Global env indices -> {shard: [local indices]} (in the order given)."""

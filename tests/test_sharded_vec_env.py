@@ -131,3 +131,17 @@ def test_training_uses_the_sharded_env(tmp_path):
                       runs_dir=str(tmp_path))
     with pytest.raises(ValueError, match="env-workers.*exceeds n_envs = 4"):
         validate_config(bad)
+
+
+def test_an_error_in_one_shard_leaves_the_pipes_in_step():
+    with ShardedVecEnv(num_envs=4, workers=2, **KW) as sharded:
+        sharded.seed(1)
+        sharded.reset()
+        for indices in ([0, 3], [3, 0], [0]):  # the local shard fails, the remote one answers (or fails too)
+            with pytest.raises(AttributeError):
+                sharded.env_method("no_such_method", indices=indices)
+        assert sharded.get_attr("instance_seed", [3, 0]) == sharded.get_attr("instance_seed", [3, 0])
+        one = BatchedNMFVecEnv(num_envs=4, **KW)
+        one.seed(1)
+        one.reset()
+        assert sharded.get_attr("instance_seed") == one.get_attr("instance_seed")
