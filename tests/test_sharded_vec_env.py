@@ -131,6 +131,10 @@ def test_training_uses_the_sharded_env(tmp_path):
                       runs_dir=str(tmp_path))
     with pytest.raises(ValueError, match="env-workers.*exceeds n_envs = 4"):
         validate_config(bad)
+    bad = TrainConfig(problem="small", problem_params=KW["problem_params"], hyperparams=hp, env_workers=2,
+                      env_threads=2, runs_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="env-workers.*needs --env-threads 1"):
+        validate_config(bad)
 
 
 def test_an_error_in_one_shard_leaves_the_pipes_in_step():

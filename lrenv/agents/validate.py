@@ -322,6 +322,9 @@ def validate_config(cfg: Any) -> None:
     n_envs = cfg.hyperparams.get("n_envs")
     if cfg.env_workers > 1 and isinstance(n_envs, int) and cfg.env_workers > n_envs:
         _fail("--env-workers", cfg.env_workers, f"exceeds n_envs = {n_envs}: each process steps at least one env")
+    if cfg.env_workers > 1 and (cfg.env_threads != 1 or not str(cfg.env_device).startswith("cpu")):
+        _fail("--env-workers", cfg.env_workers, "needs --env-threads 1 and a CPU --env-device (each process steps "
+              "its envs on one thread; a GPU steps them all in one process)")
     one_of(*VEC_KINDS)("--vec", cfg.vec)
     check_device("--device", cfg.device)
     check_device("--env-device", cfg.env_device)
