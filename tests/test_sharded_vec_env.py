@@ -149,3 +149,21 @@ def test_an_error_in_one_shard_leaves_the_pipes_in_step():
         one.seed(1)
         one.reset()
         assert sharded.get_attr("instance_seed") == one.get_attr("instance_seed")
+
+
+def test_forks_safely_after_multithreaded_torch_work():
+    """A model built first (torch's OpenMP team running in the parent) does not hang the forked workers: they
+    compute on one thread and never enter OpenMP. In a fresh process, with a timeout."""
+    import subprocess
+    import sys
+    code = ("import torch, numpy as np\n"
+            "torch.set_num_threads(2)\n"
+            "x = torch.rand(1500, 1500)\n"
+            "for _ in range(3): x @ x\n"
+            "from lrenv.sharded_vec_env import ShardedVecEnv\n"
+            "env = ShardedVecEnv(num_envs=4, workers=2, problem='small', problem_params=dict(m=120, n=30, rank=4))\n"
+            "env.seed(0); env.reset()\n"
+            "for _ in range(10): env.step(np.zeros((4, env.action_space.shape[0]), np.float32))\n"
+            "env.close(); print('done')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
