@@ -423,7 +423,7 @@ def test_factor_tilt_zero_action_is_the_per_factor_cosine():
         CosineDecayPair(peak_W=0.5, peak_H=0.5, final_frac=0.0)
 
 
-def test_tuned_factor_tilt_zero_action_is_each_familys_tuned_per_factor_step(tmp_path):
+def test_tuned_factor_tilt_zero_action_is_each_familys_tuned_per_factor_step(tmp_path, monkeypatch):
     """factor_tilt='tuned': every env reads its family's shipped fixed-cwch (t_X = c_X / 2; fixed-c for both where
     the file has no per-factor step), so a = 0 steps exactly like FixedScalePair(c_W, c_H) of that file, in the single,
     the batched and the suite env; the setting survives to_dict unresolved (a policy carries 'tuned', not one
@@ -448,8 +448,14 @@ def test_tuned_factor_tilt_zero_action_is_each_familys_tuned_per_factor_step(tmp
     for name in suite.entry_names:
         assert suite.entry_env(name).task.tilt == tuned_step_scales(suite.entry_env(name).family.name)
     assert tuned_step_scales("sales") != tuned_step_scales("tutorial")  # one number per family, not one for all
-    c = load_tuned("medium")["methods"]["fixed-c"]["params"]["c"]
-    assert "fixed-cwch" not in load_tuned("medium")["methods"] and tuned_step_scales("medium") == (c / 2, c / 2)
+    p = load_tuned("medium")["methods"]["fixed-cwch"]["params"]
+    assert tuned_step_scales("medium") == (p["c_W"] / 2, p["c_H"] / 2)
+    only_c = tmp_path / "tuned"  # a file without a per-factor step: the shared fixed c for both factors
+    only_c.mkdir()
+    (only_c / "medium.yml").write_text("methods:\n  fixed-c:\n    params: {c: 1.1}\n")
+    monkeypatch.setattr("lrenv.tuned_files.TUNED_DIR", only_c)
+    assert tuned_step_scales("medium") == (0.55, 0.55)
+    monkeypatch.undo()
     task = TaskConfig(**{k: v for k, v in kw.items() if k != "dtype"})
     assert task.to_dict()["factor_tilt"] == "tuned" and NMFEnv("small", **kw).task.to_dict()["factor_tilt"] == "tuned"
     with pytest.raises(ValueError, match="factor_tilt='tuned' is resolved per family: build the environment"):
