@@ -4,8 +4,9 @@ One :class:`lrenv.vec_env.BatchedNMFVecEnv` steps its problems on one core (one 
 threads wait for each other on a busy machine, issue 14). ``ShardedVecEnv`` cuts the ``num_envs`` slots into
 contiguous shards, each a ``BatchedNMFVecEnv`` on one thread -- the first in the calling process, the others in
 forked worker processes -- and steps them at once, so that more cores are used without threads that wait for each
-other, and a busy core slows only its own shard. Slot ``i`` is seeded ``seed + i`` and draws its instances from its own generator, exactly as in
-one ``BatchedNMFVecEnv``, so the trajectories are the same (the tests check it).
+other, and a busy core slows only its own shard. Slot ``i`` is seeded ``seed + i`` and draws its instances from its
+own generator, exactly as in one ``BatchedNMFVecEnv``, so the trajectories are the same, bit for bit (the tests check
+it).
 
 Processes rather than threads for the reason :mod:`lrenv.parallel` gives (the engine's Python between its
 products holds the GIL); forked, so a worker starts in milliseconds instead of importing torch again; pipes

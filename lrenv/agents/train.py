@@ -456,8 +456,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", default="runs", help="where run directories are created")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its newest usable checkpoint; only n_timesteps:N (to extend "
-                        "a run), --device, --env-device, --threads, --env-threads, --env-workers and --no-progress may be given "
-                        "with it")
+                        "a run), --device, --env-device, --threads, --env-threads, --env-workers and --no-progress may "
+                        "be given with it")
     p.add_argument("--allow-missing-normalization", action="store_true",
                    help="with --resume: accept a checkpoint whose VecNormalize statistics are missing (fresh ones)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -468,8 +468,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig(problem=args.problem, problem_params=parse_problem_params(args.problem_param), exp=args.exp,
                       seed=args.seed, hyperparams=load_hyperparams(args.problem, args.overrides, args.hyperparams),
                       vec=args.vec, device=args.device, env_device=args.env_device, torch_threads=args.threads,
-                      env_threads=args.env_threads, env_workers=args.env_workers, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes,
-                      checkpoint_freq=args.checkpoint_freq, runs_dir=args.runs_dir, progress=not args.no_progress)
+                      env_threads=args.env_threads, env_workers=args.env_workers, eval_freq=args.eval_freq,
+                      eval_episodes=args.eval_episodes, checkpoint_freq=args.checkpoint_freq, runs_dir=args.runs_dir,
+                      progress=not args.no_progress)
     validate_config(cfg)
     return cfg
 
