@@ -53,7 +53,8 @@ def can_fork(device: str = "cpu", threads: int | None = 1) -> bool:
             and "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon)
 
 
-def _init_worker() -> None:
+def one_thread() -> None:
+    """One thread for torch and for numpy's / scikit-learn's BLAS in this process (a forked worker's setup)."""
     torch.set_num_threads(1)
     from threadpoolctl import threadpool_limits
     threadpool_limits(1)  # numpy / scikit-learn BLAS
@@ -79,7 +80,7 @@ def fork_map(work: Callable[[int], Any], n: int, workers: int, *, order: Sequenc
     _WORK = work
     try:
         with ProcessPoolExecutor(max_workers=min(workers, n), mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_init_worker) as pool:
+                                 initializer=one_thread) as pool:
             futures = {pool.submit(_call, k): k for k in (range(n) if order is None else order)}
             done: dict[int, Any] = {}
             try:

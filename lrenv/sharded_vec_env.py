@@ -15,6 +15,7 @@ carry only actions, observations, rewards and infos (a few hundred bytes per slo
 
 from __future__ import annotations
 
+import bisect
 import multiprocessing
 import multiprocessing.connection
 import signal
@@ -24,7 +25,7 @@ import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from .parallel import available_cores, can_fork
+from .parallel import available_cores, can_fork, one_thread
 from .problems import make_family
 
 MIN_SHARD_WORK = 2_000_000
@@ -43,6 +44,13 @@ def auto_workers(num_envs: int, work_per_env: int, device: str = "cpu", threads:
     return int(max(1, min(available_cores(), num_envs, by_work)))
 
 
+def _auto_workers_for(num_envs: int, problem: str, problem_params: dict | None, device: str,
+                      threads: int | None) -> int:
+    """:func:`auto_workers` for ``num_envs`` problems of the family ``problem``."""
+    fam = make_family(problem, **(problem_params or {}))
+    return auto_workers(int(num_envs), fam.m * fam.n * fam.rank, str(device), threads)
+
+
 def batched_vec_env(num_envs: int, *, workers: int | None = None, problem: str = "small",
                     problem_params: dict | None = None, device: str = "cpu", threads: int | None = 1,
                     **kwargs: Any) -> VecEnv:
@@ -50,8 +58,7 @@ def batched_vec_env(num_envs: int, *, workers: int | None = None, problem: str =
     :func:`auto_workers`), or one :class:`lrenv.vec_env.BatchedNMFVecEnv` in this process when that is 1."""
     from .vec_env import BatchedNMFVecEnv
     if workers is None:
-        fam = make_family(problem, **(problem_params or {}))
-        workers = auto_workers(int(num_envs), fam.m * fam.n * fam.rank, str(device), threads)
+        workers = _auto_workers_for(num_envs, problem, problem_params, device, threads)
     if workers == 1:
         return BatchedNMFVecEnv(problem, num_envs=num_envs, problem_params=problem_params, device=device,
                                 threads=threads, **kwargs)
@@ -98,10 +105,7 @@ def _worker(conn: multiprocessing.connection.Connection, kwargs: dict, num_envs:
     for c in inherited:
         c.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it saves, then closes us)
-    import torch
-    torch.set_num_threads(1)
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(1)
+    one_thread()
     from .vec_env import BatchedNMFVecEnv
     try:
         venv = BatchedNMFVecEnv(num_envs=num_envs, **kwargs)
@@ -154,8 +158,7 @@ class ShardedVecEnv(VecEnv):
         if not (isinstance(num_envs, (int, np.integer)) and num_envs >= 1):
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         if workers is None:
-            fam = make_family(problem, **(kwargs.get("problem_params") or {}))
-            workers = auto_workers(int(num_envs), fam.m * fam.n * fam.rank, str(device), threads)
+            workers = _auto_workers_for(num_envs, problem, kwargs.get("problem_params"), device, threads)
         if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
             raise ValueError(f"workers must be a positive integer (processes), got {workers!r}")
         if workers > num_envs:
@@ -165,6 +168,7 @@ class ShardedVecEnv(VecEnv):
                              f"threads={threads!r}, in {multiprocessing.current_process().name}); use "
                              "BatchedNMFVecEnv (one process) instead")
         self.bounds = shard_bounds(int(num_envs), int(workers))
+        self._starts = [a for a, _ in self.bounds]
         shard_kwargs = dict(kwargs, problem=problem, device=device, threads=threads)
         # the first shard validates every argument before a worker starts
         self._local = BatchedNMFVecEnv(num_envs=self.bounds[0][1], **shard_kwargs)
@@ -236,23 +240,25 @@ class ShardedVecEnv(VecEnv):
         except Exception:  # noqa: BLE001 - the first shard's error is the one raised
             pass
 
+    def _shard_of(self, i: int) -> int:
+        if not 0 <= i < self.num_envs:
+            raise IndexError(f"env index {i} out of range for {self.num_envs} envs")
+        return bisect.bisect_right(self._starts, i) - 1
+
     def _by_shard(self, indices: VecEnvIndices) -> dict[int, list[int]]:
         """Global env indices -> {shard: [local indices]} (in the order given)."""
         out: dict[int, list[int]] = {}
         for i in self._get_indices(indices):
-            if not 0 <= i < self.num_envs:
-                raise IndexError(f"env index {i} out of range for {self.num_envs} envs")
-            k = next(k for k, (a, b) in enumerate(self.bounds) if a <= i < b)
-            out.setdefault(k, []).append(i - self.bounds[k][0])
+            k = self._shard_of(i)
+            out.setdefault(k, []).append(i - self._starts[k])
         return out
 
     def _per_index(self, indices: VecEnvIndices, cmd: str, make_args) -> list[Any]:
         """Run ``cmd`` on each listed env's shard; the answers in the order of ``indices``."""
         groups = self._by_shard(indices)
-        answers = dict(zip(groups, self._call(list(groups), cmd, [make_args(local) for local in groups.values()])))
-        position = {k: iter(v) for k, v in answers.items()}
-        return [next(position[next(k for k, (a, b) in enumerate(self.bounds) if a <= i < b)])
-                for i in self._get_indices(indices)]
+        answers = self._call(list(groups), cmd, [make_args(local) for local in groups.values()])
+        position = {k: iter(v) for k, v in zip(groups, answers)}
+        return [next(position[self._shard_of(i)]) for i in self._get_indices(indices)]
 
     # -------------------------------------------------------------- VecEnv API
     def reset(self) -> VecEnvObs:

@@ -262,8 +262,8 @@ print("RESULT " + json.dumps(r))
 def measure_evaluation(threads: int, seeds: int = 4) -> dict:
     """Seconds for a small evaluation (tuned-baseline-like schedules and Armijo on ``small``) on ``threads``."""
     from lrenv.evaluate import evaluate
-    t0 = time.perf_counter()
     from lrenv.parallel import can_fork, default_workers
+    t0 = time.perf_counter()
     evaluate("fixed-scale,cosine,two-phase,armijo", problem="small", seeds=seeds, save=False, progress=False,
              verbose=False, threads=threads or None)
     return {"seconds": time.perf_counter() - t0,
