@@ -42,6 +42,15 @@ load time), visited in a random order drawn from the environment's generator. Ea
 updates its own rows of ``W`` with the exact block gradient and ``H`` with the unbiased estimate
 ``K * W_I^T (M_I o (W_I H - V_I))`` of the full gradient, both from the same point, followed by the
 projection onto ``>= 0`` for non-negative families.
+
+``EngineConfig.optimizer = "adam"`` runs Adam (``torch.optim.Adam``'s update, betas and eps) on the same minibatches
+instead: the minibatch loss is ``K`` times its share plus the whole regularisation (an unbiased estimate of ``F``,
+the convention of :func:`lrenv.solvers.run_solvers`' Adam baseline), one Adam step of all of ``W`` (rows outside
+the minibatch have no data gradient; their moments decay, as Adam over ``W`` does) and of ``H`` per minibatch,
+then the projection. The step sizes are Adam's learning rates, and the statistics report, in place of the
+Lipschitz constants, ``L = 2 / s`` with Adam's reference scale ``s``, the RMS of the instance's initial factors
+(its baseline's ``lr = lr_rel * s``): every action mode then maps an action relative to ``s`` where SGD's is
+relative to ``2/L``, and no eigenvalue is computed.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ import torch
 # Layout of the per-instance statistics row returned by :meth:`SGDEngine.evaluate`.
 STAT_LOSS, STAT_GRAD_NORM, STAT_L_W, STAT_L_H, STAT_HELDOUT, STAT_FIT, STAT_GRAD_NOISE = range(7)
 NUM_STATS = 7
+OPTIMIZERS = ("sgd", "adam")
 """``STAT_FIT`` is the data term 1/2 ||M o (W H - V)||^2 alone (the loss less its regularisation).
 ``STAT_GRAD_NOISE`` is the last epoch's minibatch gradient noise (see :meth:`SGDEngine.epoch`; 0 after a load
 and when ``EngineConfig.track_noise`` is off)."""
@@ -118,6 +128,11 @@ class EngineConfig:
     bound_tol: float = field(default_factory=default_bound_tol)
     """Masked families only: relative slack allowed in the reported Lipschitz constants before their exact
     recomputation (0: recompute every evaluation). See the module docstring."""
+    optimizer: str = "sgd"
+    """The update the step sizes drive: 'sgd' (projected minibatch SGD, default) or 'adam' (Adam on the same
+    minibatches, step sizes its learning rates; see the module docstring)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
 
     def __post_init__(self):  # checked here, so that an env can refuse a bad setting before building its engine
         if self.num_blocks < 1 or self.num_blocks > self.m:
@@ -126,6 +141,8 @@ class EngineConfig:
             raise ValueError(f"threads must be a positive number of torch threads or None, got {self.threads!r}")
         if not self.bound_tol >= 0:
             raise ValueError(f"bound_tol must be >= 0 (0: exact masked bounds every evaluation), got {self.bound_tol!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     @property
     def block_rows(self) -> int:
@@ -142,8 +159,10 @@ def bytes_per_instance(cfg: EngineConfig) -> int:
     mn = cfg.padded_rows * cfg.n
     dense = 1 + int(cfg.masked) + int(cfg.heldout)  # V, mask, held-out mask
     temporaries = 2  # full residual and product during evaluate()
-    # W, H, their gradients and a trial point; masked: the factors of the last exact bound too
-    factors = (3 + int(cfg.masked)) * (cfg.padded_rows * cfg.rank + cfg.rank * cfg.n)
+    # W, H, their gradients and a trial point; masked: the factors of the last exact bound too; Adam: its moments
+    # and a full W gradient
+    copies = 3 + int(cfg.masked) + 3 * int(cfg.optimizer == "adam")
+    factors = copies * (cfg.padded_rows * cfg.rank + cfg.rank * cfg.n)
     return itemsize * (mn * (dense + temporaries) + factors)
 
 
@@ -278,6 +297,12 @@ class SGDEngine:
         self._pairs = (iu[0].to(cfg.device), iu[1].to(cfg.device))
         self._unpack = pos.reshape(-1).to(cfg.device)
         self._pair_weight = torch.where(iu[0] == iu[1], 1.0, 2.0).to(**opts)
+        self.adam = cfg.optimizer == "adam"
+        if self.adam:  # Adam's moments, its step count and reference scale per slot (reset by load)
+            self.adam_m = [torch.zeros_like(self.W), torch.zeros_like(self.H)]
+            self.adam_v = [torch.zeros_like(self.W), torch.zeros_like(self.H)]
+            self.adam_steps = torch.zeros(batch, dtype=torch.float64, device=cfg.device)
+            self.adam_scale = torch.ones(batch, **opts)
 
     # ------------------------------------------------------------------ loading
     def load(self, i: int, V: np.ndarray, W0: np.ndarray, H0: np.ndarray, *, row_perm: np.ndarray,
@@ -312,6 +337,13 @@ class SGDEngine:
             self.free_H = torch.as_tensor(free_H, dtype=cfg.dtype, device=cfg.device).reshape(-1, 1)
             self.has_fixed = not (bool(free_W.all()) and bool(free_H.all()))
         self._bound_fresh[i] = False  # the next evaluate() computes this instance's exact bounds
+        if self.adam:
+            for t in (*self.adam_m, *self.adam_v):
+                t[i].zero_()
+            self.adam_steps[i] = 0.0
+            # the RMS of the initial factors (the Adam baseline's lr unit, lrenv.solvers._adam_lr)
+            sq = float(np.sum(np.square(W0, dtype=np.float64)) + np.sum(np.square(H0, dtype=np.float64)))
+            self.adam_scale[i] = float(np.sqrt(sq / (np.size(W0) + np.size(H0)))) or 1.0
         if cfg.grad_noise > 0:
             gen = torch.Generator(device=cfg.device)
             gen.manual_seed(int(noise_seed or 0))
@@ -350,6 +382,8 @@ class SGDEngine:
             raise ValueError(f"epoch: a one-instance engine has only slot 0, got index {index!r}")
         slots = None if single or index is None else torch.as_tensor(np.asarray(index), dtype=torch.long,
                                                                      device=self.V.device)
+        if self.adam:
+            return self._adam_epoch(lr, order, slots)
         H = self.H if slots is None else self.H.index_select(0, slots)
         gens = self._noise_gen if slots is None else [self._noise_gen[int(i)] for i in slots]
         if not single:  # gather/scatter blocks through flat (B*K, b, .) views: index_select is cheap
@@ -397,6 +431,81 @@ class SGDEngine:
                 Wflat.index_copy_(0, idx, Wk)
         if slots is not None:
             self.H.index_copy_(0, slots, H)
+        if track:
+            mean_sq = _sqnorm(g_sum)
+            noise = ((K * g_sq - mean_sq) / mean_sq.clamp(min=torch.finfo(H.dtype).tiny)).clamp(min=0.0)
+            if slots is None:
+                self.grad_noise = noise
+            else:
+                self.grad_noise[slots] = noise
+
+    def _adam_epoch(self, lr: torch.Tensor, order: torch.Tensor | np.ndarray, slots: torch.Tensor | None) -> None:
+        """:meth:`epoch` with ``cfg.optimizer = 'adam'`` (module docstring): per minibatch, the gradient of ``K``
+        times its loss share plus the whole regularisation, then ``torch.optim.Adam``'s update of all of ``W``
+        and of ``H`` (same arithmetic, in the order of :class:`lrenv.solvers._BatchedAdam`) with each slot's own
+        step count, then the projection. ``slots``: the slots to step (None: all)."""
+        cfg = self.cfg
+        K, b, r = cfg.num_blocks, cfg.block_rows, cfg.rank
+        pick = (lambda t: t) if slots is None else (lambda t: t.index_select(0, slots))  # noqa: E731
+        W, H = pick(self.W), pick(self.H)  # the tensors themselves for all slots (updated in place), else copies
+        m, v = [pick(t) for t in self.adam_m], [pick(t) for t in self.adam_v]
+        steps = pick(self.adam_steps)
+        gens = self._noise_gen if slots is None else [self._noise_gen[int(i)] for i in slots]
+        A = W.shape[0]
+        first = self._arange if slots is None else slots
+        order = torch.as_tensor(order, device=self.V.device).long()
+        v_idx = order + first[:, None] * K  # blocks of the data, (B * K) rows
+        w_idx = order + torch.arange(A, device=W.device)[:, None] * K  # blocks of W (its selected slots)
+        Vflat, Wflat = self.V.view(self.B * K, b, cfg.n), W.view(A * K, b, r)
+        wflat = None if self.weight is None else self.weight.view(self.B * K, *self.weight.shape[2:])
+        gW_full = torch.zeros_like(W)
+        beta1, beta2 = cfg.adam_betas
+        shape_W, shape_H = (-1, 1, 1, 1), (-1, 1, 1)
+        track = cfg.track_noise
+        if track:
+            g_sum, g_sq = torch.zeros_like(H), torch.zeros(A, dtype=H.dtype, device=H.device)
+        for k in range(K):
+            Vk, Wk = Vflat.index_select(0, v_idx[:, k]), Wflat.index_select(0, w_idx[:, k])
+            R = Vk.baddbmm_(Wk, H, beta=-1)  # a private copy of the data block
+            if wflat is not None:
+                R.mul_(wflat.index_select(0, v_idx[:, k]))
+            gH = torch.bmm(Wk.transpose(1, 2), R)
+            if track:  # on the minibatch gradient itself, as the SGD epoch measures it
+                g_sum.add_(gH)
+                g_sq.add_(_sqnorm(gH))
+            R.mul_(K)
+            gWk = _times_transpose(R, H)
+            gH.mul_(K)
+            if cfg.reg:
+                gW_full.copy_(W).mul_(self.free_W).mul_(cfg.reg)
+                gWk.add_(Wk * self.free_W, alpha=cfg.reg)
+                gH.add_(H * self.free_H, alpha=cfg.reg)
+            if cfg.grad_noise > 0:
+                gWk = self._add_noise(gWk, None if wflat is None else wflat.index_select(0, v_idx[:, k]), gens)
+                gH = self._add_noise(gH, None, gens)
+            gW_flat = gW_full.view(A * K, b, r)
+            gW_flat.index_copy_(0, w_idx[:, k], gWk)
+            if self.has_fixed:
+                gW_full.mul_(self.free_W)
+                gH.mul_(self.free_H)
+            steps += 1
+            bc1 = 1 - beta1 ** steps
+            bc2_sqrt = (1 - beta2 ** steps).sqrt()
+            for p, g, m_p, v_p, lr_p, shape in ((W, gW_full, m[0], v[0], lr[:, 0], shape_W),
+                                                (H, gH, m[1], v[1], lr[:, 1], shape_H)):
+                m_p.lerp_(g, 1 - beta1)
+                v_p.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v_p.sqrt() / bc2_sqrt.to(p.dtype).reshape(shape)).add_(cfg.adam_eps)
+                p.add_((m_p * (-(lr_p.to(p.dtype) / bc1.to(p.dtype))).reshape(shape)).div_(denom))
+            if cfg.nonneg:
+                W.clamp_(min=0)
+                H.clamp_(min=0)
+            if not cfg.reg:
+                gW_full.view(A * K, b, r).index_fill_(0, w_idx[:, k], 0.0)  # zero again for the next block
+        if slots is not None:
+            for full, part in ((self.W, W), (self.H, H), *zip(self.adam_m, m), *zip(self.adam_v, v)):
+                full.index_copy_(0, slots, part)
+            self.adam_steps[slots] = steps
         if track:
             mean_sq = _sqnorm(g_sum)
             noise = ((K * g_sq - mean_sq) / mean_sq.clamp(min=torch.finfo(H.dtype).tiny)).clamp(min=0.0)
@@ -568,6 +677,9 @@ class SGDEngine:
         slots of ``idx`` (all slots when None). The distances use Frobenius norms (>= the spectral norm, so
         still valid): two reductions and scalar arithmetic on the host per evaluation, no eigensolver."""
         cfg = self.cfg
+        if self.adam:  # Adam's reference scale s in place of 2/L (module docstring)
+            L = 2.0 / (self.adam_scale if idx is None else self.adam_scale[idx])
+            return L, L.clone()
         if not cfg.masked or cfg.bound_tol == 0:
             return self._lipschitz(Wf, H, weight)
         Wm, Hm = (Wf * self.free_W, H * self.free_H) if self.has_fixed else (Wf, H)

@@ -33,7 +33,8 @@ def resolve_instances(instances: str | range | list[int]) -> range | list[int]:
 
 
 def engine_config(family: ProblemFamily, num_blocks: int | None, grad_noise: float, device: str | torch.device,
-                  dtype: str | torch.dtype, threads: int | None = None, track_noise: bool = False) -> EngineConfig:
+                  dtype: str | torch.dtype, threads: int | None = None, track_noise: bool = False,
+                  optimizer: str = "sgd") -> EngineConfig:
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -44,7 +45,7 @@ def engine_config(family: ProblemFamily, num_blocks: int | None, grad_noise: flo
                         num_blocks=family.num_blocks if num_blocks is None else int(num_blocks),
                         nonneg=family.nonneg, reg=family.reg, grad_noise=grad_noise, masked=family.masked,
                         heldout=family.has_heldout, device=torch.device(device), dtype=dtype, threads=threads,
-                        track_noise=track_noise)
+                        track_noise=track_noise, optimizer=optimizer)
 
 
 def load_instance(engine: SGDEngine, slot: int, problem: Problem, rng: np.random.Generator,
@@ -79,6 +80,9 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     correction of it (also in ``per_factor`` mode, where ``factor_tilt = (t_W, t_H)`` scales each factor's centre:
     ``a = 0`` is then the per-factor cosine :class:`lrenv.schedules.CosineDecayPair`; ``factor_tilt='tuned'`` reads
     the pair from the family's shipped tuned per-factor fixed step, so with ``action_center=1`` ``a = 0`` is that step).
+    With ``optimizer="adam"`` the env runs Adam on the same minibatches and the step sizes are Adam's learning
+    rates; every mode's reference is then Adam's scale ``s`` (the RMS of the initial factors) in place of 2/L, so
+    ``action_center = lr_rel`` makes ``a = 0`` the Adam baseline's ``lr = lr_rel * s`` (:mod:`lrenv.engine`).
     ``action_mode="paper"``: ``a in [0, lr_max]`` is the absolute learning rate of both factors.
     ``action_mode="relative"``: ``a in [-1, 1]`` multiplies each factor's step size in force by
     ``10^(relative_range * a)``, clipped to ``[lr_min, lr_max]``; before the first step it is ``lr_init``.
@@ -184,7 +188,8 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
         self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget,
                                           **task_kwargs).bind_family(self.family.name)
         self.engine_cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype, threads,
-                                        track_noise="grad_noise" in self.task.obs_features)
+                                        track_noise="grad_noise" in self.task.obs_features,
+                                        optimizer=self.task.optimizer)
         self._engine: SGDEngine | None = None  # built at first use: no torch work in the constructor
         self.tracker = EpisodeTracker(self.task, 1, self.family.has_heldout, self.family.target_metric)
         self.observation_space = self.task.observation_space()

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 import gymnasium as gym
 import numpy as np
 
-from .engine import NUM_STATS, STAT_FIT, STAT_GRAD_NOISE, STAT_GRAD_NORM, STAT_HELDOUT, STAT_L_H, STAT_L_W, STAT_LOSS
+from .engine import NUM_STATS, OPTIMIZERS, STAT_FIT, STAT_GRAD_NOISE, STAT_GRAD_NORM, STAT_HELDOUT, STAT_L_H, STAT_L_W, STAT_LOSS
 
 ACTION_MODES = ("log_bound", "paper", "relative", "per_factor")
 OBS_FEATURES = ("loss", "epoch", "grad_norm", "bound", "prev_action", "target_gap", "lr_rel", "loss_slope",
@@ -155,6 +155,13 @@ class TaskConfig:
     """Observations are clipped to [-obs_clip, obs_clip] (and never non-finite)."""
     slope_smoothing: float = 0.8
     """'loss_slope_ema': weight of the previous average (ema_t = s * ema_{t-1} + (1 - s) * slope_t, ema_0 = 0)."""
+    optimizer: str = "sgd"
+    """The update the chosen step sizes drive: 'sgd' (projected minibatch SGD, default) or 'adam' (Adam on the same
+    minibatches, the step sizes its learning rates, a schedule for the optimizer users already run). With 'adam'
+    the reference of every action mode is Adam's scale ``s`` (the RMS of the initial factors, the unit of the Adam
+    baseline's ``lr_rel``) in place of the bound 2/L: in 'log_bound' / 'per_factor' mode ``lr = action_center * s *
+    10^(log_range * a)`` (with ``factor_tilt`` per factor), and the 'bound'/'lr_bound' features and the infos'
+    ``bound_W``/``bound_H`` read ``s`` (see :mod:`lrenv.engine`)."""
 
     def __post_init__(self):
         if isinstance(self.reward, dict):
@@ -197,6 +204,8 @@ class TaskConfig:
                 self.factor_tilt = self._tilt = (float(tilt[0]), float(tilt[1]))
         if not 0 <= self.slope_smoothing < 1:
             raise ValueError(f"slope_smoothing must be in [0, 1), got {self.slope_smoothing}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not self.divergence_factor > 1:
             raise ValueError(f"divergence_factor must be > 1, got {self.divergence_factor}")
 

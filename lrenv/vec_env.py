@@ -100,7 +100,7 @@ class BatchedNMFVecEnv(VecEnv):
         self.task = TaskConfig.from_kwargs(budget=self.family.budget if budget is None else budget,
                                           **task_kwargs).bind_family(self.family.name)
         cfg = engine_config(self.family, num_blocks, grad_noise, device, dtype, threads,
-                            track_noise="grad_noise" in self.task.obs_features)
+                            track_noise="grad_noise" in self.task.obs_features, optimizer=self.task.optimizer)
         self.memory_bytes = check_memory(cfg, int(num_envs))
         B = int(num_envs)
         self.engine = SGDEngine(cfg, batch=B)

@@ -193,6 +193,7 @@ def _names(key: str, v: Any) -> None:
 
 
 def _env_schema() -> dict[str, Check]:
+    from lrenv.engine import OPTIMIZERS
     from lrenv.task import ACTION_MODES, LR_REFERENCES
     return {
         "budget": optional(integer(1)),
@@ -215,6 +216,7 @@ def _env_schema() -> dict[str, Check]:
         "target_loss": optional(real(0.0)),
         "obs_clip": real(0.0),
         "slope_smoothing": real(0.0, 1.0, lo_open=False, hi_open=True),
+        "optimizer": one_of(*OPTIMIZERS),
         "exclude": _names,  # suites only (checked in validate_config)
     }
 
