@@ -432,12 +432,17 @@ class SGDEngine:
         if slots is not None:
             self.H.index_copy_(0, slots, H)
         if track:
-            mean_sq = _sqnorm(g_sum)
-            noise = ((K * g_sq - mean_sq) / mean_sq.clamp(min=torch.finfo(H.dtype).tiny)).clamp(min=0.0)
-            if slots is None:
-                self.grad_noise = noise
-            else:
-                self.grad_noise[slots] = noise
+            self._store_noise(g_sum, g_sq, slots)
+
+    def _store_noise(self, g_sum: torch.Tensor, g_sq: torch.Tensor, slots: torch.Tensor | None) -> None:
+        """STAT_GRAD_NOISE of the epoch from the sum of its minibatch H-gradients and of their squared norms."""
+        K = self.cfg.num_blocks
+        mean_sq = _sqnorm(g_sum)
+        noise = ((K * g_sq - mean_sq) / mean_sq.clamp(min=torch.finfo(g_sum.dtype).tiny)).clamp(min=0.0)
+        if slots is None:
+            self.grad_noise = noise
+        else:
+            self.grad_noise[slots] = noise
 
     def _adam_epoch(self, lr: torch.Tensor, order: torch.Tensor | np.ndarray, slots: torch.Tensor | None) -> None:
         """:meth:`epoch` with ``cfg.optimizer = 'adam'`` (module docstring): per minibatch, the gradient of ``K``
@@ -507,12 +512,7 @@ class SGDEngine:
                 full.index_copy_(0, slots, part)
             self.adam_steps[slots] = steps
         if track:
-            mean_sq = _sqnorm(g_sum)
-            noise = ((K * g_sq - mean_sq) / mean_sq.clamp(min=torch.finfo(H.dtype).tiny)).clamp(min=0.0)
-            if slots is None:
-                self.grad_noise = noise
-            else:
-                self.grad_noise[slots] = noise
+            self._store_noise(g_sum, g_sq, slots)
 
     def _add_noise(self, g: torch.Tensor, row_weight: torch.Tensor | None,
                    gens: list[torch.Generator | None]) -> torch.Tensor:
