@@ -66,10 +66,11 @@ import torch
 # Layout of the per-instance statistics row returned by :meth:`SGDEngine.evaluate`.
 STAT_LOSS, STAT_GRAD_NORM, STAT_L_W, STAT_L_H, STAT_HELDOUT, STAT_FIT, STAT_GRAD_NOISE = range(7)
 NUM_STATS = 7
-OPTIMIZERS = ("sgd", "adam")
 """``STAT_FIT`` is the data term 1/2 ||M o (W H - V)||^2 alone (the loss less its regularisation).
 ``STAT_GRAD_NOISE`` is the last epoch's minibatch gradient noise (see :meth:`SGDEngine.epoch`; 0 after a load
 and when ``EngineConfig.track_noise`` is off)."""
+OPTIMIZERS = ("sgd", "adam")
+"""Values of ``EngineConfig.optimizer``."""
 
 BOUND_TOL_ENV = "LRENV_BOUND_TOL"
 DEFAULT_BOUND_TOL = 0.05
@@ -164,6 +165,12 @@ def bytes_per_instance(cfg: EngineConfig) -> int:
     copies = 3 + int(cfg.masked) + 3 * int(cfg.optimizer == "adam")
     factors = copies * (cfg.padded_rows * cfg.rank + cfg.rank * cfg.n)
     return itemsize * (mn * (dense + temporaries) + factors)
+
+
+def adam_reference_scale(W0: np.ndarray, H0: np.ndarray) -> float:
+    """Adam's reference scale: the RMS of the initial factors (1 where they are all zero), the unit of the Adam
+    baseline's ``lr_rel`` (:func:`lrenv.solvers.run_solvers`) and of the Adam engine's actions."""
+    return float(np.sqrt(np.mean(np.concatenate([np.ravel(W0), np.ravel(H0)]) ** 2))) or 1.0
 
 
 def _largest_eigenvalue(G: torch.Tensor) -> torch.Tensor:
@@ -341,9 +348,7 @@ class SGDEngine:
             for t in (*self.adam_m, *self.adam_v):
                 t[i].zero_()
             self.adam_steps[i] = 0.0
-            # the RMS of the initial factors (the Adam baseline's lr unit, lrenv.solvers._adam_lr)
-            sq = float(np.sum(np.square(W0, dtype=np.float64)) + np.sum(np.square(H0, dtype=np.float64)))
-            self.adam_scale[i] = float(np.sqrt(sq / (np.size(W0) + np.size(H0)))) or 1.0
+            self.adam_scale[i] = adam_reference_scale(W0, H0)
         if cfg.grad_noise > 0:
             gen = torch.Generator(device=cfg.device)
             gen.manual_seed(int(noise_seed or 0))
@@ -464,16 +469,19 @@ class SGDEngine:
         Vflat, Wflat = self.V.view(self.B * K, b, cfg.n), W.view(A * K, b, r)
         wflat = None if self.weight is None else self.weight.view(self.B * K, *self.weight.shape[2:])
         gW_full = torch.zeros_like(W)
+        gW_flat = gW_full.view(A * K, b, r)
         beta1, beta2 = cfg.adam_betas
         shape_W, shape_H = (-1, 1, 1, 1), (-1, 1, 1)
+        lr_W, lr_H = lr[:, 0].to(W.dtype), lr[:, 1].to(H.dtype)
         track = cfg.track_noise
         if track:
             g_sum, g_sq = torch.zeros_like(H), torch.zeros(A, dtype=H.dtype, device=H.device)
         for k in range(K):
             Vk, Wk = Vflat.index_select(0, v_idx[:, k]), Wflat.index_select(0, w_idx[:, k])
+            wk = None if wflat is None else wflat.index_select(0, v_idx[:, k])
             R = Vk.baddbmm_(Wk, H, beta=-1)  # a private copy of the data block
-            if wflat is not None:
-                R.mul_(wflat.index_select(0, v_idx[:, k]))
+            if wk is not None:
+                R.mul_(wk)
             gH = torch.bmm(Wk.transpose(1, 2), R)
             if track:  # on the minibatch gradient itself, as the SGD epoch measures it
                 g_sum.add_(gH)
@@ -486,9 +494,8 @@ class SGDEngine:
                 gWk.add_(Wk * self.free_W, alpha=cfg.reg)
                 gH.add_(H * self.free_H, alpha=cfg.reg)
             if cfg.grad_noise > 0:
-                gWk = self._add_noise(gWk, None if wflat is None else wflat.index_select(0, v_idx[:, k]), gens)
+                gWk = self._add_noise(gWk, wk, gens)
                 gH = self._add_noise(gH, None, gens)
-            gW_flat = gW_full.view(A * K, b, r)
             gW_flat.index_copy_(0, w_idx[:, k], gWk)
             if self.has_fixed:
                 gW_full.mul_(self.free_W)
@@ -496,17 +503,17 @@ class SGDEngine:
             steps += 1
             bc1 = 1 - beta1 ** steps
             bc2_sqrt = (1 - beta2 ** steps).sqrt()
-            for p, g, m_p, v_p, lr_p, shape in ((W, gW_full, m[0], v[0], lr[:, 0], shape_W),
-                                                (H, gH, m[1], v[1], lr[:, 1], shape_H)):
+            for p, g, m_p, v_p, lr_p, shape in ((W, gW_full, m[0], v[0], lr_W, shape_W),
+                                                (H, gH, m[1], v[1], lr_H, shape_H)):
                 m_p.lerp_(g, 1 - beta1)
                 v_p.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 denom = (v_p.sqrt() / bc2_sqrt.to(p.dtype).reshape(shape)).add_(cfg.adam_eps)
-                p.add_((m_p * (-(lr_p.to(p.dtype) / bc1.to(p.dtype))).reshape(shape)).div_(denom))
+                p.add_((m_p * (-(lr_p / bc1.to(p.dtype))).reshape(shape)).div_(denom))
             if cfg.nonneg:
                 W.clamp_(min=0)
                 H.clamp_(min=0)
             if not cfg.reg:
-                gW_full.view(A * K, b, r).index_fill_(0, w_idx[:, k], 0.0)  # zero again for the next block
+                gW_flat.index_fill_(0, w_idx[:, k], 0.0)  # zero again for the next block
         if slots is not None:
             for full, part in ((self.W, W), (self.H, H), *zip(self.adam_m, m), *zip(self.adam_v, v)):
                 full.index_copy_(0, slots, part)
@@ -679,7 +686,7 @@ class SGDEngine:
         cfg = self.cfg
         if self.adam:  # Adam's reference scale s in place of 2/L (module docstring)
             L = 2.0 / (self.adam_scale if idx is None else self.adam_scale[idx])
-            return L, L.clone()
+            return L, L
         if not cfg.masked or cfg.bound_tol == 0:
             return self._lipschitz(Wf, H, weight)
         Wm, Hm = (Wf * self.free_W, H * self.free_H) if self.has_fixed else (Wf, H)

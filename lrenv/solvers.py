@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from .batch_eval import MAX_BATCH
+from .engine import adam_reference_scale
 from .engine import _sqnorm
 from .env import NMFEnv
 from .metrics import Trace
@@ -81,8 +82,7 @@ def _import(name: str) -> Any:
 
 def _adam_lr(prob: "_Problem", o: dict) -> float:
     """Adam's lr: ``lr_rel`` (popped from ``o``, default 0.02) times the RMS of the initial factors."""
-    scale = float(np.sqrt(np.mean(np.concatenate([prob.W0.ravel(), prob.H0.ravel()]) ** 2))) or 1.0
-    return float(o.pop("lr_rel", 0.02)) * scale
+    return float(o.pop("lr_rel", 0.02)) * adam_reference_scale(prob.W0, prob.H0)
 
 
 def _make_adam(W: torch.Tensor, H: torch.Tensor, prob: "_Problem", o: dict) -> _Made:
