@@ -17,7 +17,9 @@ prev_action  the previous action
 
 then sets every param group's ``lr`` to ``clip(lr * 10^(k a), initial_lr * min_factor, initial_lr * max_factor)``.
 Features that need the problem's structure (``bound``, ``target_gap``) cannot be computed here: a policy
-using them is refused with a clear error.
+using them is refused with a clear error. A policy trained with ``optimizer='adam'`` learned to schedule Adam's
+learning rate: give it a torch Adam-family optimizer (:data:`ADAM_FAMILY`), and an SGD-trained one anything else;
+LearnedLR warns when the kinds differ.
 
 Divergence guard: a non-finite loss, or one above ``divergence_factor`` times the best loss so far, is not
 shown to the policy; every group's lr is multiplied by ``shrink`` instead, and with ``restore=True`` the
@@ -68,11 +70,30 @@ class _PolicyAdapter:
         self.min_factor = float(cfg.get("lr_min", 1e-4)) / lr_init
         self.max_factor = float(cfg.get("lr_max", 1.0)) / lr_init
         self.obs_clip = float(cfg.get("obs_clip", 100.0))
+        self.optimizer = str(cfg.get("optimizer", "sgd"))
 
     def act(self, obs: np.ndarray) -> float:
         action, _ = self.predictor.predict(obs.astype(np.float32), deterministic=True)
         a = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
         return a
+
+
+ADAM_FAMILY = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax")
+"""torch optimizers whose learning rate means what Adam's does (a step per coordinate of about ``lr``)."""
+
+
+def _check_optimizer_kind(trained_with: str, optimizer: torch.optim.Optimizer) -> None:
+    """Warn when the policy learned to schedule another kind of optimizer than the one it is given: an Adam
+    learning rate (a step of about lr per coordinate) and an SGD one (a step of lr times the gradient) are
+    different quantities, so the schedule will not mean what it meant in training."""
+    import warnings
+    adam_like = type(optimizer).__name__ in ADAM_FAMILY
+    if (trained_with == "adam") != adam_like:
+        warnings.warn(f"LearnedLR: this policy was trained to schedule {trained_with!r} "
+                      f"(lrenv's optimizer={trained_with!r}) but drives a {type(optimizer).__name__}: the schedule will "
+                      f"not mean what it meant in training. Use a policy trained with lrenv train "
+                      f"'env_kwargs.optimizer:{'adam' if adam_like else 'sgd'}' 'env_kwargs.action_mode:relative'",
+                      stacklevel=3)
 
 
 class LearnedLR(LRScheduler):
@@ -98,6 +119,7 @@ class LearnedLR(LRScheduler):
                  max_factor: float | None = None, divergence_factor: float = 100.0, shrink: float = 0.1,
                  restore: bool = True, last_epoch: int = -1):
         self.policy = _PolicyAdapter(policy)
+        _check_optimizer_kind(self.policy.optimizer, optimizer)
         if not (isinstance(total_epochs, (int, np.integer)) and total_epochs >= 1):
             raise ValueError(f"total_epochs must be a positive integer, got {total_epochs!r}")
         if not (divergence_factor > 1 and 0 < shrink < 1):

@@ -93,6 +93,22 @@ def test_adam_env_action_reference_and_reload():
     assert float(env.engine.adam_steps[0]) == 0.0 and float(env.engine.adam_m[0].abs().sum()) == 0.0
 
 
+def test_adam_relative_mode_starts_at_lr_init_times_adam_scale():
+    # relative mode's units are Adam's scale s (the reference of every action mode in Adam mode), so a policy
+    # trained here multiplies an Adam learning rate that starts at lr_init * s (the form LearnedLR runs)
+    env = NMFEnv(**KW, action_mode="relative", lr_init=0.3, lr_min=0.003, lr_max=1.0, relative_range=0.25)
+    _, info = env.reset(seed=2)
+    s = float(env.engine.adam_scale[0])
+    _, _, _, _, info = env.step(np.array([0.0], dtype=np.float32))
+    assert info["lr_W"] == pytest.approx(0.3 * s) and info["lr_H"] == pytest.approx(0.3 * s)
+    _, _, _, _, info = env.step(np.array([1.0], dtype=np.float32))
+    assert info["lr_W"] == pytest.approx(0.3 * s * 10 ** 0.25)
+    for _ in range(2):  # 0.3 * 10^0.75 > 1: held at the ceiling lr_max * s
+        _, _, term, trunc, info = env.step(np.array([1.0], dtype=np.float32))
+        assert not (term or trunc)
+    assert info["lr_W"] == pytest.approx(1.0 * s) and info["lr_H"] == pytest.approx(1.0 * s)
+
+
 def test_adam_batched_env_matches_single_envs():
     B = 2
     batched = BatchedNMFVecEnv(num_envs=B, **KW)

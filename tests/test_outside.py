@@ -226,6 +226,23 @@ def test_learnedlr_sets_the_rates_the_actions_imply():
     assert third[4] == pytest.approx(math.log10(losses[2] / losses[1]), abs=1e-6)
 
 
+def test_learnedlr_warns_when_the_optimizer_is_not_the_trained_kind():
+    import warnings
+
+    from lrenv import LearnedLR
+    w, _ = _quadratic()
+    with pytest.warns(UserWarning, match="trained to schedule 'sgd'.*drives a Adam"):
+        LearnedLR(torch.optim.Adam([w], lr=0.01), ScriptedPolicy([0.0]), total_epochs=10)
+    adam_policy = ScriptedPolicy([0.0])
+    adam_policy.env_config = {**RELATIVE_CONFIG, "optimizer": "adam"}
+    with pytest.warns(UserWarning, match="trained to schedule 'adam'.*drives a SGD.*env_kwargs.optimizer:sgd"):
+        LearnedLR(torch.optim.SGD([w], lr=0.01), adam_policy, total_epochs=10)
+    with warnings.catch_warnings():  # matching kinds: silent
+        warnings.simplefilter("error")
+        LearnedLR(torch.optim.AdamW([w], lr=0.01), adam_policy, total_epochs=10)
+        LearnedLR(torch.optim.SGD([w], lr=0.01), ScriptedPolicy([0.0]), total_epochs=10)
+
+
 def _epochs(opt, sched, f, n: int) -> None:
     """``n`` epochs of a plain torch loop: one optimizer step, then the scheduler sees the loss."""
     for _ in range(n):
