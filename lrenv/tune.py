@@ -58,7 +58,8 @@ SEARCH_SPACES: dict[str, tuple[Callable[..., Schedule] | str, list[dict[str, Any
     "armijo": (Armijo, _grid(c=[0.1, 0.3, 0.5, 0.7, 0.9], shrink=[0.5, 0.7]), {"c": 0.5, "shrink": 0.5}),
     # Adam with its ReduceLROnPlateau knobs too (torch's defaults, patience 5 and factor 0.5, are the default):
     # the decay on plateaus is what a learned Adam schedule competes with
-    "adam": ("adam", _grid(lr_rel=[0.005, 0.02, 0.05, 0.1, 0.3, 1.0, 3.0], patience=[2, 5, 10], factor=[0.3, 0.5, 0.7, 0.85]),
+    "adam": ("adam", _grid(lr_rel=[0.005, 0.02, 0.05, 0.1, 0.3, 1.0, 3.0], patience=[1, 2, 5, 10, 20],
+                           factor=[0.3, 0.5, 0.7, 0.85]),
              {"lr_rel": 0.02, "patience": 5, "factor": 0.5}),
 }
 """Tunable baselines: the grids searched by ``lrenv tune`` (scales in units of the bound 2/L, c = 2 x scale)."""
