@@ -609,7 +609,9 @@ def _evaluate(methods: Iterable[Method] | str, problem: str, problem_params: dic
         "problem_params": env_kwargs["problem_params"], "seeds": seeds, "split": split,
         "instances": instances, "reset_seeds": [reset_seed(i, seed) for i in instances], "seed": seed, "budget": budget, "device": device, "dtype": dtype,
         "num_blocks": probe.engine.cfg.num_blocks, "grid": list(grid) if grid is not None else None,
-        "methods": [m.describe() if isinstance(m, Schedule) else {"name": m, "class": "solver"} for m in runnable],
+        "methods": [m.describe() if isinstance(m, Schedule)
+                    else {"name": m, "class": "solver", "options": dict((solver_options or {}).get(m) or {})}
+                    for m in runnable],
         "notes": notes, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "bootstrap_samples": BOOTSTRAP_SAMPLES,
     }

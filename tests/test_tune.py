@@ -61,3 +61,16 @@ def test_cli_tune_then_evaluate_tuned(tmp_path, capsys):
     assert main(["evaluate", *args, "--methods", "tuned:fixed-c", "--tuned", str(out), "--seeds", "2",
                  "--out", str(tmp_path / "ev"), "--no-progress", "--no-tensorboard"]) == 0
     assert "(tuned)" in capsys.readouterr().out
+
+
+def test_shipped_adam_settings_include_the_plateau_knobs_and_reach_the_config():
+    # the Adam baseline is tuned over lr_rel, patience and factor; the settings used are written to config.json
+    doc = load_tuned("small")
+    params = doc["methods"]["adam"]["params"]
+    assert set(params) == {"lr_rel", "patience", "factor"}
+    grid = SEARCH_SPACES["adam"][1]
+    assert params in grid and len(grid) == 140
+    ev = evaluate("tuned:adam", problem="small", problem_params=dict(m=60, n=20, rank=3), budget=5, seeds=1,
+                  save=False, progress=False, verbose=False)
+    (adam,) = [m for m in ev.config["methods"] if m["name"] == "adam"]
+    assert adam["options"] == params
