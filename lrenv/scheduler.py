@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -78,7 +79,7 @@ class _PolicyAdapter:
         return a
 
 
-ADAM_FAMILY = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax")
+ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax)
 """torch optimizers whose learning rate means what Adam's does (a step per coordinate of about ``lr``)."""
 
 
@@ -86,12 +87,11 @@ def _check_optimizer_kind(trained_with: str, optimizer: torch.optim.Optimizer) -
     """Warn when the policy learned to schedule another kind of optimizer than the one it is given: an Adam
     learning rate (a step of about lr per coordinate) and an SGD one (a step of lr times the gradient) are
     different quantities, so the schedule will not mean what it meant in training."""
-    import warnings
-    adam_like = type(optimizer).__name__ in ADAM_FAMILY
+    adam_like = isinstance(optimizer, ADAM_FAMILY)
     if (trained_with == "adam") != adam_like:
-        warnings.warn(f"LearnedLR: this policy was trained to schedule {trained_with!r} "
-                      f"(lrenv's optimizer={trained_with!r}) but drives a {type(optimizer).__name__}: the schedule will "
-                      f"not mean what it meant in training. Use a policy trained with lrenv train "
+        warnings.warn(f"LearnedLR: this policy was trained to schedule {trained_with!r} but drives a "
+                      f"{type(optimizer).__name__}: the schedule will not mean what it meant in training. "
+                      f"Use a policy trained with lrenv train "
                       f"'env_kwargs.optimizer:{'adam' if adam_like else 'sgd'}' 'env_kwargs.action_mode:relative'",
                       stacklevel=3)
 
