@@ -229,6 +229,21 @@ def probability_of_improvement(agent: np.ndarray, baseline: np.ndarray, *, reps:
     return {"poi": float(np.ravel(point["p"])[0]), "ci95": [lo, hi]}
 
 
+def per_task(mats: dict[str, np.ndarray], tasks: list[tuple[str, int]], agent: str, baseline: str) -> list[dict]:
+    """Where an agent wins and loses against one baseline, task by task: the agent's median, lowest and highest
+    score over its training seeds, the baseline's score (the median of its runs) and the per-task probability of
+    improvement (ties 1/2). The aggregate probability of improvement is the mean of the ``poi`` column."""
+    x, y = complete_rows(mats[agent]), complete_rows(mats[baseline])
+    if not (x.size and y.size):
+        return []
+    less = (x[:, None, :] < y[None, :, :]).mean(axis=(0, 1))
+    ties = (x[:, None, :] == y[None, :, :]).mean(axis=(0, 1))
+    return [{"family": f, "instance": int(i), "agent_median": float(np.median(x[:, j])),
+             "agent_min": float(x[:, j].min()), "agent_max": float(x[:, j].max()),
+             "baseline": float(np.median(y[:, j])), "poi": float(less[j] + 0.5 * ties[j])}
+            for j, (f, i) in enumerate(tasks)]
+
+
 def performance_profiles(matrices: dict[str, np.ndarray], *, taus: np.ndarray = TAUS, reps: int = 1000,
                          seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Fraction of runs (all tasks) with normalised score <= tau, with stratified-bootstrap CIs (rliable)."""
@@ -440,6 +455,11 @@ def build_report(out_dir: str | os.PathLike, suite: dict, records: list[dict], *
     poi_fl = {f"{a} vs {b}": {f: probability_of_improvement(fl[a][:, columns[f]], fl[b][:, columns[f]], reps=None)["poi"]
                               for f in fam_labels} for a in agents for b in [BEST_FIXED, *others]}
     result["probability_of_improvement"] = poi
+    # per agent, task by task against the baseline it is least often ahead of: where a PoI goal is won or lost
+    hardest = {a: min((b for b in [BEST_FIXED, *others] if math.isfinite(poi[f"{a} vs {b}"]["overall"]["poi"])),
+                      key=lambda b: poi[f"{a} vs {b}"]["overall"]["poi"], default=None) for a in agents}
+    result["per_task"] = {a: {"baseline": b, "tasks": per_task(mats, sm["tasks"], a, b)}
+                          for a, b in hardest.items() if b is not None}
     result["probability_of_improvement_final_loss"] = poi_fl
     prof = performance_profiles({m: mats[m] for m in main}, reps=min(reps, 1000), seed=seed)
     result["performance_profile"] = {"tau": TAUS.tolist(),
@@ -560,6 +580,16 @@ def _markdown(suite: dict, main: list[str], fixed: list[str], fams: list[str], r
               "|---|" + "---|" * len(fams)]
     for key, v in result["probability_of_improvement_final_loss"].items():
         lines.append(f"| {key} | " + " | ".join("–" if not math.isfinite(v[f]) else f"{v[f]:.3f}" for f in fams) + " |")
+    for a, v in result.get("per_task", {}).items():
+        if not v["tasks"]:
+            continue
+        lines += ["", f"## Per instance: {a} vs {v['baseline']} (the baseline it is least often ahead of)", "",
+                  "Epochs / best fixed-c per test instance: the agent's median [lowest, highest] over its training "
+                  "seeds, the baseline's score, and P(agent needs fewer epochs) on that instance; the overall "
+                  "probability of improvement is the mean of the last column.", "",
+                  "| family | instance | agent median [min, max] | baseline | PoI |", "|---|---|---|---|---|"]
+        lines += [f"| {t['family']} | {t['instance']} | {t['agent_median']:.3f} [{t['agent_min']:.3f}, "
+                  f"{t['agent_max']:.3f}] | {t['baseline']:.3f} | {t['poi']:.2f} |" for t in v["tasks"]]
     lines += ["", "## Every fixed-c schedule (IQM epochs / best fixed-c)", "", "| method | overall | "
               + " | ".join(fams) + " |", "|---|---|" + "---|" * len(fams)]
     for m in fixed:

@@ -128,6 +128,15 @@ def test_report_numbers_match_a_hand_computation(tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["scores"]["epochs"]["overall"]["ppo"]["iqm"] == pytest.approx(0.75)
     assert "| ppo | 2 | 0.750 [" in (tmp_path / "report.md").read_text()
+    # per instance against the baseline ppo is least often ahead of (cosine, 0.3125): ppo's scores per instance
+    # (.5, 1), (2, 4), (1, .5), (.5, .25) against cosine's .5, 1, .5, .5; the PoI column averages to the overall one
+    pt = rep["per_task"]["ppo"]
+    assert pt["baseline"] == "cosine"
+    assert [t["poi"] for t in pt["tasks"]] == pytest.approx([0.25, 0.0, 0.25, 0.75])
+    assert [t["agent_median"] for t in pt["tasks"]] == pytest.approx([0.75, 3.0, 0.75, 0.375])
+    assert [(t["agent_min"], t["agent_max"]) for t in pt["tasks"]][1] == pytest.approx((2.0, 4.0))
+    assert [t["baseline"] for t in pt["tasks"]] == pytest.approx([0.5, 1.0, 0.5, 0.5])
+    assert "| toy | 1 | 3.000 [2.000, 4.000] | 1.000 | 0.00 |" in (tmp_path / "report.md").read_text()
 
 
 def test_score_rules():
