@@ -356,6 +356,9 @@ def test_pretrained_digits_adam_scores_as_its_card_says():
     assert learned["epochs_to_target_mean"] == pytest.approx(22.6, abs=1.0)
     assert adam["epochs_to_target_mean"] == pytest.approx(25.2, abs=1.0)
     assert learned["epochs_to_target_mean"] < adam["epochs_to_target_mean"]
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))], lr=1e-2)
+    with pytest.raises(ValueError, match="action_mode='relative'; this one used 'per_factor'.*RMS of the initial"):
+        lrenv.LearnedLR(opt, policy)  # its actions are fractions of the NMF problem's own Adam scale
 
 
 # ----------------------------------------------------------------------------- examples
