@@ -59,8 +59,8 @@ class _PolicyAdapter:
         mode = cfg.get("action_mode", "relative")
         if mode != "relative":
             raise ValueError(f"LearnedLR needs a policy trained with action_mode='relative'; this one used "
-                             f"{mode!r}, whose actions are fractions of a scale only the matrix problem has (each factor's 2/L, or "
-                             "for Adam the RMS of the initial factors). Train one with "
+                             f"{mode!r}, whose actions are fractions of a scale only the matrix problem has "
+                             "(each factor's 2/L, or for Adam the RMS of the initial factors). Train one with "
                              "lrenv train 'env_kwargs.action_mode:relative'")
         self.features = tuple(cfg.get("obs_features", RELATIVE_OBS))
         bad = [f for f in self.features if f not in SUPPORTED_FEATURES]
