@@ -142,8 +142,9 @@ class TaskConfig:
     shipped validation-tuned per-factor fixed step (``lrenv/tuned/<family>.yml``, ``fixed-cwch``: ``t_X = c_X / 2``;
     :func:`lrenv.tuned_files.tuned_step_scales`), so with ``action_center = 1`` ``a = 0`` *is* that tuned step
     on every family, and one policy trained over a suite learns a correction of each family's own tuned step
-    (the form that transfers to a family left out of training). None (default): the same centre for both
-    factors."""
+    (the form that transfers to a family left out of training). With ``optimizer='adam'`` the pair is the family's
+    tuned Adam ``lr_rel`` for both factors (``a = 0``: constant Adam at the tuned baseline's learning rate, without
+    its ReduceLROnPlateau). None (default): the same centre for both factors."""
     obs_features: tuple[str, ...] = DEFAULT_OBS
     """Observation features, a subset of OBS_FEATURES (see NMFEnv's docstring)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -231,12 +232,14 @@ class TaskConfig:
             from .tuned_files import tuned_step_scales  # reads YAML only: no import of the evaluation stack
 
             try:
-                self._tilt = tuned_step_scales(family)
+                self._tilt = tuned_step_scales(family, self.optimizer)
             except FileNotFoundError:
-                raise ValueError(f"factor_tilt='tuned' reads the family's shipped tuned per-factor fixed step "
+                what, method, pair = (("Adam learning rate", "adam", "[lr_rel, lr_rel]") if self.optimizer == "adam"
+                                      else ("per-factor fixed step", "fixed-cwch", "[c_W / 2, c_H / 2]"))
+                raise ValueError(f"factor_tilt='tuned' reads the family's shipped tuned {what} "
                                  f"(lrenv/tuned/<family>.yml), and there is none for {family!r}: tune it (lrenv tune "
-                                 "--problem ... --methods fixed-cwch --out tuned.yml) and give factor_tilt as the pair "
-                                 "[c_W / 2, c_H / 2] of that file") from None
+                                 f"--problem ... --methods {method} --out tuned.yml) and give factor_tilt as the pair "
+                                 f"{pair} of that file") from None
             except ValueError as e:
                 raise ValueError(f"factor_tilt='tuned': {e}") from None
         return self

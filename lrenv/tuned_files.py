@@ -37,11 +37,19 @@ def load_tuned(problem: str, path: str | os.PathLike | None = None) -> dict[str,
     return doc
 
 
-def tuned_step_scales(problem: str) -> tuple[float, float]:
-    """The shipped validation-tuned per-factor fixed step of ``problem`` as fractions ``(s_W, s_H)`` of each
-    factor's 2/L (``lr_X = c_X / L_X = (c_X / 2) * 2/L_X``): ``fixed-cwch`` where the file has it, else the
-    shared ``fixed-c`` for both factors."""
+def tuned_step_scales(problem: str, optimizer: str = "sgd") -> tuple[float, float]:
+    """The shipped validation-tuned step of ``problem`` as per-factor multipliers ``(s_W, s_H)`` of the unit the
+    environment's actions use. ``optimizer='sgd'``: fractions of each factor's 2/L (``lr_X = c_X / L_X = (c_X / 2) *
+    2/L_X``) from ``fixed-cwch`` where the file has it, else the shared ``fixed-c`` for both factors. ``'adam'``: the
+    tuned Adam baseline's ``lr_rel`` for both factors (its unit is Adam's reference scale, the RMS of the initial
+    factors, as the env's Adam actions; the baseline's ReduceLROnPlateau is not part of it)."""
     methods = load_tuned(problem)["methods"]
+    if optimizer == "adam":
+        if "adam" not in methods:
+            raise ValueError(f"the tuned settings of {problem!r} have no adam entry; run `lrenv tune --problem "
+                             f"{problem} --methods adam`")
+        lr = float(methods["adam"]["params"]["lr_rel"])
+        return lr, lr
     if "fixed-cwch" in methods:
         params = methods["fixed-cwch"]["params"]
         return float(params["c_W"]) / 2.0, float(params["c_H"]) / 2.0

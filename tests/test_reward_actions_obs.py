@@ -423,6 +423,32 @@ def test_factor_tilt_zero_action_is_the_per_factor_cosine():
         CosineDecayPair(peak_W=0.5, peak_H=0.5, final_frac=0.0)
 
 
+def test_tuned_factor_tilt_with_adam_is_each_familys_tuned_adam_lr():
+    """factor_tilt='tuned' with optimizer='adam': a = 0 runs Adam at the family's shipped tuned lr_rel times Adam's
+    reference scale of the instance (the unit of the Adam baseline's lr_rel), one number per family."""
+    from lrenv import SuiteEnv
+    from lrenv.engine import adam_reference_scale
+    from lrenv.tuned_files import load_tuned, tuned_step_scales
+
+    kw = dict(budget=8, optimizer="adam", action_mode="per_factor", log_range=0.5, action_center=1.0,
+              factor_tilt="tuned", dtype="float64")
+    for family in ("small", "digits"):
+        lr_rel = load_tuned(family)["methods"]["adam"]["params"]["lr_rel"]
+        assert tuned_step_scales(family, "adam") == (lr_rel, lr_rel)
+        env = NMFEnv(family, **kw)
+        env.reset(seed=3)
+        scale = adam_reference_scale(*env.engine.factors(0))  # the initial factors, before the first step
+        _, _, _, _, info = env.step(np.zeros(2, dtype=np.float32))
+        assert info["lr_W"] == pytest.approx(lr_rel * scale, rel=1e-9)
+        assert info["lr_H"] == pytest.approx(lr_rel * scale, rel=1e-9)
+    assert tuned_step_scales("digits", "adam") != tuned_step_scales("tutorial", "adam")
+    assert tuned_step_scales("small", "adam") != tuned_step_scales("small")  # not the SGD step's numbers
+    suite = SuiteEnv(**{k: v for k, v in kw.items() if k != "budget"})
+    for name in suite.entry_names:
+        fam = suite.entry_env(name).family.name
+        assert suite.entry_env(name).task.tilt == tuned_step_scales(fam, "adam")
+
+
 def test_tuned_factor_tilt_zero_action_is_each_familys_tuned_per_factor_step(tmp_path, monkeypatch):
     """factor_tilt='tuned': every env reads its family's shipped fixed-cwch (t_X = c_X / 2; fixed-c for both where
     the file has no per-factor step), so a = 0 steps exactly like FixedScalePair(c_W, c_H) of that file, in the single,
