@@ -83,6 +83,9 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
     With ``optimizer="adam"`` the env runs Adam on the same minibatches and the step sizes are Adam's learning
     rates; every mode's reference is then Adam's scale ``s`` (the RMS of the initial factors) in place of 2/L, so
     ``action_center = lr_rel`` makes ``a = 0`` the Adam baseline's ``lr = lr_rel * s`` (:mod:`lrenv.engine`).
+    ``center_plateau = (patience, factor)`` (or ``'tuned'``, the family's tuned Adam rule) runs ReduceLROnPlateau on
+    the centre instead: with ``optimizer="adam"``, ``factor_tilt='tuned'`` and ``action_center=1`` ``a = 0`` is then
+    the tuned Adam baseline, plateau rule included, and the policy learns a correction of it.
     ``action_mode="paper"``: ``a in [0, lr_max]`` is the absolute learning rate of both factors.
     ``action_mode="relative"``: ``a in [-1, 1]`` multiplies each factor's step size in force by
     ``10^(relative_range * a)``, clipped to ``[lr_min, lr_max]``; before the first step it is ``lr_init``.
@@ -122,6 +125,8 @@ class NMFEnv(gym.Env[np.ndarray, np.ndarray]):
                  factor (two entries; the last epoch's step,
                  relative mode's state; 0 before a step)
     epochs_left  (budget - epoch) / budget                      no
+    center_scale log10 of the plateau rule's multiplier of the      no
+                 centre (``center_plateau``; 0 without one)
     ============ ============================================= =========
     All are scale-free (ratios and logs of ratios): a policy sees the same numbers on a problem scaled by any factor.
 

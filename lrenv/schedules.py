@@ -29,7 +29,7 @@ from .task import TaskConfig, cosine_decay
 LOG_RANGE = 3.0
 """Decades each side of the bound used by the log_bound schedules (lr from 1e-3 to 1e3 times 2/L)."""
 # a constant centre, the same for both factors: scale() is the step
-_BOUND_ENV = {"log_range": LOG_RANGE, "action_center_final": None, "factor_tilt": None}
+_BOUND_ENV = {"log_range": LOG_RANGE, "action_center_final": None, "factor_tilt": None, "center_plateau": None}
 
 
 def _act(x: float | np.ndarray) -> np.ndarray:

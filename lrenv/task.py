@@ -18,7 +18,7 @@ from .engine import NUM_STATS, OPTIMIZERS, STAT_FIT, STAT_GRAD_NOISE, STAT_GRAD_
 
 ACTION_MODES = ("log_bound", "paper", "relative", "per_factor")
 OBS_FEATURES = ("loss", "epoch", "grad_norm", "bound", "prev_action", "target_gap", "lr_rel", "loss_slope",
-                "loss_slope_ema", "grad_noise", "lr_bound", "epochs_left")
+                "loss_slope_ema", "grad_noise", "lr_bound", "epochs_left", "center_scale")
 """Observation features, in the order they appear in the vector (``bound`` and ``lr_bound`` contribute two,
 ``prev_action`` one per action component)."""
 TWO_COLUMN_FEATURES = ("bound", "lr_bound")
@@ -134,6 +134,15 @@ class TaskConfig:
     epoch to this at the last (the formula of :class:`lrenv.schedules.CosineDecay`), so ``a = 0`` *is* that cosine
     schedule and the policy learns a bounded correction of it (``10^(log_range * a)``) instead of a schedule from
     scratch. None (default): a constant centre."""
+    center_plateau: tuple[int, float] | str | None = None
+    """'log_bound' / 'per_factor': ReduceLROnPlateau on the centre, ``(patience, factor)``: once the episode's loss
+    has not fallen below its best so far by 1e-4 (relative) for more than ``patience`` epochs in a row, the centre
+    is multiplied by ``factor`` (torch's rule: mode 'min', threshold 1e-4 'rel', no cooldown, no floor). ``'tuned'``
+    reads the pair from the family's shipped tuned Adam baseline, so with ``optimizer='adam'``,
+    ``factor_tilt='tuned'`` and ``action_center=1`` ``a = 0`` *is* that baseline -- Adam at its tuned lr with its tuned
+    ReduceLROnPlateau -- and the policy learns a bounded correction of the strongest baseline users run. The state
+    (the multiplier in force) is per episode (:attr:`EpisodeTracker.center_scale`; observation ``center_scale``).
+    Not with ``action_center_final``. None (default): no plateau rule."""
     factor_tilt: tuple[float, float] | str | None = None
     """'per_factor' only: multipliers ``(t_W, t_H)`` of the centre for W and H, so ``a = 0`` steps at
     ``t_X * centre * 2/L_X`` -- with a decaying centre, a per-factor cosine
@@ -192,6 +201,9 @@ class TaskConfig:
             if not 0 < self.action_center_final <= self.action_center:
                 raise ValueError(f"action_center_final must be in (0, action_center={self.action_center}], "
                                  f"got {self.action_center_final}")
+        self._plateau: tuple[int, float] | None = None  # center_plateau as numbers (bind_family resolves 'tuned')
+        if self.center_plateau is not None:
+            self._check_plateau()
         self._tilt: tuple[float, float] | None = None  # factor_tilt as numbers (bind_family resolves 'tuned')
         if self.factor_tilt is not None:
             tilt = tuple(self.factor_tilt) if isinstance(self.factor_tilt, (list, tuple, np.ndarray)) else ()
@@ -210,6 +222,21 @@ class TaskConfig:
         if not self.divergence_factor > 1:
             raise ValueError(f"divergence_factor must be > 1, got {self.divergence_factor}")
 
+    def _check_plateau(self) -> None:
+        p = self.center_plateau
+        if self.action_mode not in ("log_bound", "per_factor"):
+            raise ValueError(f"center_plateau needs action_mode 'log_bound' or 'per_factor', not {self.action_mode!r}")
+        if self.action_center_final is not None:
+            raise ValueError("center_plateau and action_center_final both decay the centre: set one of them")
+        if isinstance(p, str) and p == TUNED_TILT:
+            return
+        pair = tuple(p) if isinstance(p, (list, tuple)) else ()
+        if not (len(pair) == 2 and isinstance(pair[0], (int, np.integer)) and not isinstance(pair[0], bool)
+                and pair[0] >= 0 and isinstance(pair[1], (int, float, np.number)) and 0 < pair[1] < 1):
+            raise ValueError(f"center_plateau must be a pair (patience, factor) with an integer patience >= 0 and "
+                             f"0 < factor < 1, or {TUNED_TILT!r}, got {p!r}")
+        self.center_plateau = self._plateau = (int(pair[0]), float(pair[1]))
+
     @classmethod
     def from_kwargs(cls, **kw) -> "TaskConfig":
         names = {f.name for f in fields(cls)}
@@ -221,13 +248,27 @@ class TaskConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["obs_features"] = list(self.obs_features)
-        if isinstance(self.factor_tilt, tuple):
-            d["factor_tilt"] = list(self.factor_tilt)
+        for key in ("factor_tilt", "center_plateau"):
+            if isinstance(d[key], tuple):
+                d[key] = list(d[key])
         return d
 
     def bind_family(self, family: str) -> "TaskConfig":
-        """Resolve ``factor_tilt='tuned'`` to ``family``'s tuned per-factor step (an environment calls this with its
-        family's name); returns self. A no-op for every other setting."""
+        """Resolve ``factor_tilt='tuned'`` to ``family``'s tuned per-factor step and ``center_plateau='tuned'`` to its
+        tuned Adam plateau rule (an environment calls this with its family's name); returns self. A no-op for every
+        other setting."""
+        if self.center_plateau == TUNED_TILT:
+            from .tuned_files import tuned_adam_plateau
+
+            try:
+                self._plateau = tuned_adam_plateau(family)
+            except FileNotFoundError:
+                raise ValueError(f"center_plateau='tuned' reads the family's shipped tuned Adam baseline "
+                                 f"(lrenv/tuned/<family>.yml), and there is none for {family!r}: tune it (lrenv tune "
+                                 f"--problem ... --methods adam --out tuned.yml) and give center_plateau as the pair "
+                                 f"[patience, factor] of that file") from None
+            except ValueError as e:
+                raise ValueError(f"center_plateau='tuned': {e}") from None
         if self.factor_tilt == TUNED_TILT:  # a pair is a tuple by now (__post_init__), never an array
             from .tuned_files import tuned_step_scales  # reads YAML only: no import of the evaluation stack
 
@@ -243,6 +284,14 @@ class TaskConfig:
             except ValueError as e:
                 raise ValueError(f"factor_tilt='tuned': {e}") from None
         return self
+
+    @property
+    def plateau(self) -> tuple[int, float] | None:
+        """``center_plateau`` as numbers ``(patience, factor)`` (``'tuned'`` resolved by :meth:`bind_family`), or None."""
+        if self.center_plateau == TUNED_TILT and self._plateau is None:
+            raise ValueError("center_plateau='tuned' is resolved per family: build the environment (NMFEnv or the "
+                             "batched env), which calls TaskConfig.bind_family(family), before stepping")
+        return self._plateau
 
     @property
     def tilt(self) -> tuple[float, float] | None:
@@ -291,24 +340,32 @@ class TaskConfig:
             raise ValueError("a decaying centre (action_center_final) needs the epoch of the step")
         return cosine_decay(epoch, self.budget, self.action_center, self.action_center_final)
 
-    def _factor_center(self, epoch: np.ndarray | int | None, batched: bool) -> np.ndarray | float:
-        """:meth:`center` as the log-bound maps use it: (B, 1) for B epochs when ``batched``, and with
-        ``factor_tilt`` one centre per factor ((2,) or (B, 2))."""
+    def _factor_center(self, epoch: np.ndarray | int | None, batched: bool,
+                       center_scale: np.ndarray | float | None = None) -> np.ndarray | float:
+        """:meth:`center` as the log-bound maps use it, times ``center_scale`` (the plateau rule's multiplier of
+        each instance, :attr:`EpisodeTracker.center_scale`): (B, 1) for B epochs or scales when ``batched``, and
+        with ``factor_tilt`` one centre per factor ((2,) or (B, 2))."""
         center = self.center(epoch)
+        if self.center_plateau is not None:
+            if center_scale is None:
+                raise ValueError("with center_plateau the centre follows the episode's losses: pass center_scale "
+                                 "(the env's tracker.center_scale)")
+            center = center * np.asarray(center_scale, dtype=np.float64)
         if np.ndim(center) and batched:
             center = np.reshape(center, (-1, 1))
         tilt = self.tilt
         return center if tilt is None else center * np.asarray(tilt)
 
     def actions_to_lr(self, actions: np.ndarray, L: np.ndarray, prev_lr: np.ndarray | None = None,
-                      lr_bounds: tuple[np.ndarray, np.ndarray] | None = None, epoch: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      lr_bounds: tuple[np.ndarray, np.ndarray] | None = None, epoch: np.ndarray | None = None,
+                      center_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Map raw actions, (B,) or (B, 1) ((B, 2) in 'per_factor' mode), to (B, 2) step sizes for (W, H)
         given (B, 2) Lipschitz constants.
 
         'relative' mode ignores ``L`` and needs the state kept by :class:`EpisodeTracker`: ``prev_lr``
         (B, 2), the step sizes in force, and ``lr_bounds`` ((B, 2) low, (B, 2) high) in absolute units; a decaying
-        centre (``action_center_final``) needs ``epoch`` (B,), the epochs each instance has run.
+        centre (``action_center_final``) needs ``epoch`` (B,), the epochs each instance has run, and a plateau
+        rule (``center_plateau``) ``center_scale`` (B,), each instance's multiplier in force.
         Returns ``(lr, clipped_action, invalid)`` with the clipped action (B,) ((B, 2) in 'per_factor' mode) and
         ``invalid`` (B,): finite actions are clipped into the action space (+-inf to its ends); a NaN in any
         component is *invalid* and the caller ends the episode as a divergence.
@@ -334,13 +391,14 @@ class TaskConfig:
             lr = np.clip(prev_lr * 10.0 ** (self.relative_range * a[:, None]), lr_bounds[0], lr_bounds[1])
         else:  # log_bound (one scale for both factors) or per_factor (one per factor): broadcast over (B, 2)
             scale = a[:, None] if a.ndim == 1 else a
-            center = self._factor_center(epoch, batched=True)
+            center = self._factor_center(epoch, batched=True, center_scale=center_scale)
             lr = (2.0 * center / np.maximum(L, _TINY)) * 10.0 ** (self.log_range * scale)
         return lr, a, invalid
 
-    def action_for_scale(self, scale: np.ndarray | float, epoch: np.ndarray | int | None = None) -> np.ndarray:
+    def action_for_scale(self, scale: np.ndarray | float, epoch: np.ndarray | int | None = None,
+                         center_scale: np.ndarray | float | None = None) -> np.ndarray:
         """The action that gives lr = scale * (2/L) per factor (scale clipped into the covered range); ``epoch``
-        (the epochs run) only with a decaying centre.
+        (the epochs run) only with a decaying centre, ``center_scale`` only with a plateau rule.
 
         'log_bound': shape (1,) (an element of :meth:`action_space`) for a scalar scale, (B,) for B scales.
         'per_factor': ``scale`` is a scalar (both factors), a pair ``(s_W, s_H)`` -> shape (2,), or (B, 2)
@@ -356,7 +414,8 @@ class TaskConfig:
             if s.shape[-1] != 2 or s.ndim > 2:
                 raise ValueError(f"per_factor action_for_scale: give a scalar, a pair (s_W, s_H) or (B, 2) pairs, "
                                  f"got shape {s.shape}")
-        center = self._factor_center(epoch, batched=s.ndim == 2)
+        center = self._factor_center(epoch, batched=s.ndim == 2 or np.ndim(center_scale) > 0,
+                                     center_scale=center_scale)
         a = np.clip(np.log10(s / center) / self.log_range, -1.0, 1.0).astype(np.float32)
         return a.reshape(1) if a.ndim == 0 else a
 
@@ -382,6 +441,9 @@ class EpisodeTracker:
         self.lr, self.lr0 = np.zeros((batch, 2)), np.ones((batch, 2))
         self.lr_lo, self.lr_hi = np.zeros((batch, 2)), np.full((batch, 2), np.inf)
         self.done = np.zeros(batch, dtype=bool)
+        # center_plateau: each instance's multiplier of the centre, and its ReduceLROnPlateau state
+        self.center_scale = np.ones(batch)
+        self.plateau_best, self.plateau_bad = np.full(batch, np.inf), np.zeros(batch, dtype=np.int64)
 
     def reset(self, idx: np.ndarray | list[int], stats: np.ndarray, target: np.ndarray) -> None:
         """Start new episodes in slots ``idx`` from their initial statistics."""
@@ -397,6 +459,7 @@ class EpisodeTracker:
         self.last_lr[idx] = np.nan
         self.epoch[idx] = 0
         self.done[idx] = False
+        self.center_scale[idx], self.plateau_best[idx], self.plateau_bad[idx] = 1.0, np.inf, 0
         cfg = self.cfg
         ref = (2.0 / np.maximum(stats[:, [STAT_L_W, STAT_L_H]], _TINY) if cfg.lr_reference == "bound"
                else np.ones((len(idx), 2)))
@@ -412,10 +475,12 @@ class EpisodeTracker:
         """:meth:`TaskConfig.actions_to_lr` for the current state of every slot (any action mode), or of the
         listed ``slots`` (``actions`` then has one row per listed slot)."""
         if slots is None:
-            return self.cfg.actions_to_lr(actions, self.lipschitz(), self.lr, (self.lr_lo, self.lr_hi), self.epoch)
+            return self.cfg.actions_to_lr(actions, self.lipschitz(), self.lr, (self.lr_lo, self.lr_hi), self.epoch,
+                                          self.center_scale)
         slots = np.asarray(slots)
         return self.cfg.actions_to_lr(actions, self.lipschitz()[slots], self.lr[slots],
-                                      (self.lr_lo[slots], self.lr_hi[slots]), self.epoch[slots])
+                                      (self.lr_lo[slots], self.lr_hi[slots]), self.epoch[slots],
+                                      self.center_scale[slots])
 
     def lr_in_force(self) -> np.ndarray:
         """(B, 2) step sizes in force: 'relative' mode's state, else the last epoch's (NaN before the first)."""
@@ -454,6 +519,8 @@ class EpisodeTracker:
                     cols.extend(np.where(np.isnan(self.lr_in_force()), 0.0, rel).T)
                 elif f == "epochs_left":  # (budget - epoch) / budget, in [0, 1]
                     cols.append((self.cfg.budget - self.epoch) / self.cfg.budget)
+                elif f == "center_scale":  # log10 of the plateau rule's multiplier of the centre (0 without one)
+                    cols.append(np.log10(self.center_scale))
         obs = np.stack(cols, axis=1)
         return np.clip(np.nan_to_num(obs, nan=c, posinf=c, neginf=-c), -c, c).astype(np.float32)
 
@@ -482,6 +549,8 @@ class EpisodeTracker:
             else:  # the paper's percentage decrease below the best loss so far
                 gain = np.where(improved, 100.0 * (self.best - loss) / np.maximum(self.best, _TINY), 0.0)
         self.best = np.where(improved, loss, self.best)
+        if cfg.plateau is not None:
+            self._plateau_step(loss, *cfg.plateau)
         # the episode ends at the first epoch at or below the target, so "now" is "ever" here
         reached = ~diverged & (stats[:, self._target_col] <= self.target)
         remaining = cfg.budget - self.epoch
@@ -493,6 +562,16 @@ class EpisodeTracker:
         self.done = terminated | truncated
         infos = self._infos(lr, 2.0 / np.maximum(prev_L, _TINY), diverged, reached, invalid, terms=terms)
         return self.observe(), reward, terminated, truncated, infos
+
+    def _plateau_step(self, loss: np.ndarray, patience: int, factor: float) -> None:
+        """torch's ReduceLROnPlateau (mode 'min', threshold 1e-4 'rel', no cooldown) on each instance's centre."""
+        with np.errstate(invalid="ignore"):
+            better = loss < self.plateau_best * (1.0 - 1e-4)  # a NaN loss is no better (the episode ends anyway)
+        self.plateau_best = np.where(better, loss, self.plateau_best)
+        self.plateau_bad = np.where(better, 0, self.plateau_bad + 1)
+        cut = self.plateau_bad > patience
+        self.center_scale = np.where(cut, self.center_scale * factor, self.center_scale)
+        self.plateau_bad[cut] = 0
 
     _INFO_KEYS = ("epoch", "loss", "fit", "best_loss", "target_loss", "grad_norm", "lr_W", "lr_H", "bound_W",
                   "bound_H", "diverged", "reached_target", "invalid_action")

@@ -37,19 +37,32 @@ def load_tuned(problem: str, path: str | os.PathLike | None = None) -> dict[str,
     return doc
 
 
+def _tuned_adam(problem: str) -> dict[str, Any]:
+    """The shipped tuned Adam baseline's parameters of ``problem``."""
+    methods = load_tuned(problem)["methods"]
+    if "adam" not in methods:
+        raise ValueError(f"the tuned settings of {problem!r} have no adam entry; run `lrenv tune --problem "
+                         f"{problem} --methods adam`")
+    return methods["adam"]["params"]
+
+
+def tuned_adam_plateau(problem: str) -> tuple[int, float]:
+    """The shipped tuned Adam baseline's ReduceLROnPlateau rule of ``problem`` as ``(patience, factor)`` (the
+    baseline's defaults, 5 and 0.5, where the file leaves them out)."""
+    params = _tuned_adam(problem)
+    return int(params.get("patience", 5)), float(params.get("factor", 0.5))
+
+
 def tuned_step_scales(problem: str, optimizer: str = "sgd") -> tuple[float, float]:
     """The shipped validation-tuned step of ``problem`` as per-factor multipliers ``(s_W, s_H)`` of the unit the
     environment's actions use. ``optimizer='sgd'``: fractions of each factor's 2/L (``lr_X = c_X / L_X = (c_X / 2) *
     2/L_X``) from ``fixed-cwch`` where the file has it, else the shared ``fixed-c`` for both factors. ``'adam'``: the
     tuned Adam baseline's ``lr_rel`` for both factors (its unit is Adam's reference scale, the RMS of the initial
     factors, as the env's Adam actions; the baseline's ReduceLROnPlateau is not part of it)."""
-    methods = load_tuned(problem)["methods"]
     if optimizer == "adam":
-        if "adam" not in methods:
-            raise ValueError(f"the tuned settings of {problem!r} have no adam entry; run `lrenv tune --problem "
-                             f"{problem} --methods adam`")
-        lr = float(methods["adam"]["params"]["lr_rel"])
+        lr = float(_tuned_adam(problem)["lr_rel"])
         return lr, lr
+    methods = load_tuned(problem)["methods"]
     if "fixed-cwch" in methods:
         params = methods["fixed-cwch"]["params"]
         return float(params["c_W"]) / 2.0, float(params["c_H"]) / 2.0

@@ -494,3 +494,52 @@ def test_tuned_factor_tilt_zero_action_is_each_familys_tuned_per_factor_step(tmp
     with pytest.raises(ValueError, match="or 'tuned' in the 'per_factor' action mode, got 'tuned' with action_mode "
                                          "'relative'"):
         TaskConfig(action_mode="relative", factor_tilt="tuned")
+
+
+def test_center_plateau_follows_torchs_reduce_lr_on_plateau():
+    """center_plateau=(patience, factor): the centre's multiplier drops exactly when torch's ReduceLROnPlateau
+    (mode 'min', default threshold) would drop an lr fed the same losses, and the step sizes follow it."""
+    import torch
+
+    losses = [900.0, 800.0, 800.0, 799.99, 805.0, 700.0, 700.0, 700.0, 700.0, 650.0]  # 799.99: not 1e-4 below
+    tr = _tracker(["loss", "center_scale"], action_mode="per_factor", center_plateau=(2, 0.5))
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=2, factor=0.5)
+    L = tr.lipschitz().copy()
+    for f in losses:
+        lr, _, _ = tr.actions_to_lr(np.zeros((1, 2)))
+        assert lr[0] == pytest.approx(2.0 * 0.25 * opt.param_groups[0]["lr"] / L[0])  # a = 0: centre x multiplier
+        obs = _step(tr, f)
+        plateau.step(f)
+        assert tr.center_scale[0] == pytest.approx(opt.param_groups[0]["lr"])
+        assert obs[1] == pytest.approx(np.log10(opt.param_groups[0]["lr"]))
+    assert tr.center_scale[0] == 0.25  # two cuts on this curve: the test exercises the rule
+    tr.reset([0], _stats(1000.0), np.array([1.0]))
+    assert tr.center_scale[0] == 1.0 and tr.plateau_bad[0] == 0  # a new episode starts at the full centre
+
+
+def test_center_plateau_tuned_reads_the_familys_tuned_adam_rule_and_bad_settings_are_named():
+    """center_plateau='tuned' resolves per family to the shipped tuned Adam (patience, factor); with
+    factor_tilt='tuned' and action_center=1, a = 0 starts at the tuned Adam lr. Wrong settings get errors."""
+    from lrenv.tuned_files import load_tuned, tuned_adam_plateau
+
+    for family in ("small", "digits"):
+        params = load_tuned(family)["methods"]["adam"]["params"]
+        assert tuned_adam_plateau(family) == (int(params["patience"]), float(params["factor"]))
+        env = NMFEnv(family, budget=8, optimizer="adam", action_mode="per_factor", action_center=1.0, log_range=0.5,
+                     factor_tilt="tuned", center_plateau="tuned", obs_features=("loss", "center_scale"))
+        assert env.task.plateau == tuned_adam_plateau(family)
+        obs, _ = env.reset(seed=1)
+        assert obs[1] == 0.0  # log10 of the multiplier: 1 at the start
+        assert env.task.to_dict()["center_plateau"] == "tuned"  # a policy carries the rule's name, not numbers
+    assert tuned_adam_plateau("small") != tuned_adam_plateau("digits")
+    with pytest.raises(ValueError, match=r"center_plateau must be a pair \(patience, factor\)"):
+        TaskConfig(action_mode="per_factor", center_plateau=(2, 1.5))
+    with pytest.raises(ValueError, match="center_plateau and action_center_final both decay the centre"):
+        TaskConfig(action_center_final=0.1, center_plateau=(2, 0.5))
+    with pytest.raises(ValueError, match="center_plateau needs action_mode 'log_bound' or 'per_factor'"):
+        TaskConfig(action_mode="relative", center_plateau=(2, 0.5))
+    with pytest.raises(ValueError, match="resolved per family"):
+        _ = TaskConfig(action_mode="per_factor", center_plateau="tuned").plateau
+    with pytest.raises(ValueError, match="pass center_scale"):
+        TaskConfig(center_plateau=(2, 0.5)).action_for_scale(0.5)

@@ -198,7 +198,7 @@ class HeldoutEvalCallback(BaseCallback):
         self.pins = [{"instance": inst, **({"entry": entries[i % len(entries)]} if entries else {})}
                      for i, inst in enumerate(self.instances)]
         base_env = self._env(action_mode="log_bound", log_range=1.0, action_center=0.25, action_center_final=None,
-                             factor_tilt=None)
+                             factor_tilt=None, center_plateau=None)
         self.baselines: dict[str, list[dict]] = {}
         for c in BASELINE_SCALES:  # lr = c / L = (c/2) x 2/L
             action = base_env.task.action_for_scale(c / 2)

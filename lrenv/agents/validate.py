@@ -210,6 +210,7 @@ def _env_schema() -> dict[str, Check]:
         "action_center": real(0.0),
         "action_center_final": optional(real(0.0)),
         "factor_tilt": optional(_tilt),
+        "center_plateau": optional(_plateau),
         "obs_features": _obs_features,
         "reward": _reward,
         "divergence_factor": real(1.0),
@@ -230,6 +231,14 @@ def _tilt(key: str, v: Any) -> None:
     from lrenv.task import TUNED_TILT
     if v != TUNED_TILT and not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_real(t) and t > 0 for t in v)):
         _fail(key, v, "must be a pair of positive numbers [t_W, t_H] or 'tuned' (the family's tuned per-factor step)")
+
+
+def _plateau(key: str, v: Any) -> None:
+    from lrenv.task import TUNED_TILT
+    if v != TUNED_TILT and not (isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[0], int)
+                                and not isinstance(v[0], bool) and v[0] >= 0 and _is_real(v[1]) and 0 < v[1] < 1):
+        _fail(key, v, "must be a pair [patience, factor] (an integer >= 0, 0 < factor < 1) or 'tuned' (the family's "
+                      "tuned Adam ReduceLROnPlateau)")
 
 
 def _check_mapping(key: str, mapping: dict, schema: dict[str, Check]) -> None:
