@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -94,6 +95,18 @@ class RewardConfig:
 PROGRESS_REWARD = {"kind": "progress", "improvement": 1.0, "remaining": 0.05, "time_cost": 0.05,
                    "divergence_penalty": 100.0}
 """A progress reward on the scale of its per-epoch gains (the setting measured in the README)."""
+
+
+def _read_tuned(setting: str, family: str, read: Callable[[str], Any], what: str, method: str, pair: str) -> Any:
+    """``read(family)`` for a ``'tuned'`` setting, its failures reworded as what to tune or write instead."""
+    try:
+        return read(family)
+    except FileNotFoundError:
+        raise ValueError(f"{setting}='tuned' reads the family's shipped tuned {what} (lrenv/tuned/<family>.yml), and "
+                         f"there is none for {family!r}: tune it (lrenv tune --problem ... --methods {method} --out "
+                         f"tuned.yml) and give {setting} as the pair {pair} of that file") from None
+    except ValueError as e:
+        raise ValueError(f"{setting}='tuned': {e}") from None
 
 
 @dataclass
@@ -257,49 +270,33 @@ class TaskConfig:
         """Resolve ``factor_tilt='tuned'`` to ``family``'s tuned per-factor step and ``center_plateau='tuned'`` to its
         tuned Adam plateau rule (an environment calls this with its family's name); returns self. A no-op for every
         other setting."""
+        from .tuned_files import tuned_adam_plateau, tuned_step_scales  # reads YAML only: no evaluation stack
+
         if self.center_plateau == TUNED_TILT:
-            from .tuned_files import tuned_adam_plateau
-
-            try:
-                self._plateau = tuned_adam_plateau(family)
-            except FileNotFoundError:
-                raise ValueError(f"center_plateau='tuned' reads the family's shipped tuned Adam baseline "
-                                 f"(lrenv/tuned/<family>.yml), and there is none for {family!r}: tune it (lrenv tune "
-                                 f"--problem ... --methods adam --out tuned.yml) and give center_plateau as the pair "
-                                 f"[patience, factor] of that file") from None
-            except ValueError as e:
-                raise ValueError(f"center_plateau='tuned': {e}") from None
+            self._plateau = _read_tuned("center_plateau", family, tuned_adam_plateau, "Adam baseline", "adam",
+                                        "[patience, factor]")
         if self.factor_tilt == TUNED_TILT:  # a pair is a tuple by now (__post_init__), never an array
-            from .tuned_files import tuned_step_scales  # reads YAML only: no import of the evaluation stack
-
-            try:
-                self._tilt = tuned_step_scales(family, self.optimizer)
-            except FileNotFoundError:
-                what, method, pair = (("Adam learning rate", "adam", "[lr_rel, lr_rel]") if self.optimizer == "adam"
-                                      else ("per-factor fixed step", "fixed-cwch", "[c_W / 2, c_H / 2]"))
-                raise ValueError(f"factor_tilt='tuned' reads the family's shipped tuned {what} "
-                                 f"(lrenv/tuned/<family>.yml), and there is none for {family!r}: tune it (lrenv tune "
-                                 f"--problem ... --methods {method} --out tuned.yml) and give factor_tilt as the pair "
-                                 f"{pair} of that file") from None
-            except ValueError as e:
-                raise ValueError(f"factor_tilt='tuned': {e}") from None
+            what, method, pair = (("Adam learning rate", "adam", "[lr_rel, lr_rel]") if self.optimizer == "adam"
+                                  else ("per-factor fixed step", "fixed-cwch", "[c_W / 2, c_H / 2]"))
+            self._tilt = _read_tuned("factor_tilt", family, lambda f: tuned_step_scales(f, self.optimizer), what,
+                                     method, pair)
         return self
+
+    def _resolved(self, name: str, value: Any) -> Any:
+        if getattr(self, name) == TUNED_TILT and value is None:
+            raise ValueError(f"{name}='tuned' is resolved per family: build the environment (NMFEnv or the batched "
+                             f"env), which calls TaskConfig.bind_family(family), before mapping actions")
+        return value
 
     @property
     def plateau(self) -> tuple[int, float] | None:
         """``center_plateau`` as numbers ``(patience, factor)`` (``'tuned'`` resolved by :meth:`bind_family`), or None."""
-        if self.center_plateau == TUNED_TILT and self._plateau is None:
-            raise ValueError("center_plateau='tuned' is resolved per family: build the environment (NMFEnv or the "
-                             "batched env), which calls TaskConfig.bind_family(family), before stepping")
-        return self._plateau
+        return self._resolved("center_plateau", self._plateau)
 
     @property
     def tilt(self) -> tuple[float, float] | None:
         """``factor_tilt`` as numbers ``(t_W, t_H)`` (``'tuned'`` resolved by :meth:`bind_family`), or None."""
-        if self.factor_tilt == TUNED_TILT and self._tilt is None:
-            raise ValueError("factor_tilt='tuned' is resolved per family: build the environment (NMFEnv or the "
-                             "batched env), which calls TaskConfig.bind_family(family), before mapping actions")
-        return self._tilt
+        return self._resolved("factor_tilt", self._tilt)
 
     # -------------------------------------------------------------- spaces
     @property
