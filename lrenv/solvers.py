@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from .batch_eval import MAX_BATCH
-from .engine import adam_reference_scale
+from .engine import ADAM_PLATEAU_DEFAULTS, adam_reference_scale
 from .engine import _sqnorm
 from .env import NMFEnv
 from .metrics import Trace
@@ -512,7 +512,7 @@ def _torch_opt(probs: list[_Problem], recs: list[_Recorder], rngs: list[np.rando
     adam_batched = name == "adam" and set(options) <= ADAM_BATCHED_OPTIONS and BATCHED_RULES
     for b in range(B):
         o = dict(options)
-        plateau_kw = {"patience": o.pop("patience", 5), "factor": o.pop("factor", 0.5)} if name == "adam" else None
+        plateau_kw = {k: o.pop(k, v) for k, v in ADAM_PLATEAU_DEFAULTS.items()} if name == "adam" else None
         if adam_batched:  # the batched rule needs only the lr (no torch Adam objects: see _PlateauHolder)
             notes.append({"lr0": _adam_lr(probs[b], o)})
             continue

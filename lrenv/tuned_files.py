@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .engine import ADAM_PLATEAU_DEFAULTS
+
 TUNED_DIR = Path(__file__).parent / "tuned"
 """The tuned settings shipped for the built-in families (``<family>.yml``)."""
 
@@ -48,9 +50,9 @@ def _tuned_adam(problem: str) -> dict[str, Any]:
 
 def tuned_adam_plateau(problem: str) -> tuple[int, float]:
     """The shipped tuned Adam baseline's ReduceLROnPlateau rule of ``problem`` as ``(patience, factor)`` (the
-    baseline's defaults, 5 and 0.5, where the file leaves them out)."""
-    params = _tuned_adam(problem)
-    return int(params.get("patience", 5)), float(params.get("factor", 0.5))
+    baseline's defaults, :data:`lrenv.engine.ADAM_PLATEAU_DEFAULTS`, where the file leaves them out)."""
+    params = {**ADAM_PLATEAU_DEFAULTS, **_tuned_adam(problem)}
+    return int(params["patience"]), float(params["factor"])
 
 
 def tuned_step_scales(problem: str, optimizer: str = "sgd") -> tuple[float, float]:

@@ -13,6 +13,7 @@ import numpy as np
 import yaml
 
 from lrenv import NMFEnv
+from lrenv.agents.callbacks import rollout
 from lrenv.problems import split_seeds
 
 
@@ -32,14 +33,8 @@ def main() -> None:
     instances = [int(s) for s in split_seeds(args.split)[:args.seeds]]
     env = NMFEnv(args.problem, instances=instances, **kw)
     zero = np.zeros(env.action_space.shape, dtype=np.float32)
-    scores = []
-    for i, instance in enumerate(instances):
-        env.reset(seed=i, options={"instance": instance})
-        epochs, done, info = 0, False, {}
-        while not done:
-            _, _, terminated, truncated, info = env.step(zero)
-            epochs, done = epochs + 1, terminated or truncated
-        scores.append(epochs if info["reached_target"] else 2 * env.task.budget)
+    runs = [rollout(env, i, {"instance": instance}, lambda obs: zero) for i, instance in enumerate(instances)]
+    scores = [r["epochs"] if r["reached"] else 2 * env.task.budget for r in runs]
     reached = sum(s <= env.task.budget for s in scores)
     print(f"{args.problem} {args.split}: a = 0 needs {np.mean(scores):.1f} epochs on average (a miss counts "
           f"2 x {env.task.budget}), {reached}/{len(scores)} reached; per instance {scores}")
