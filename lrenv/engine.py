@@ -70,9 +70,10 @@ NUM_STATS = 7
 ``STAT_GRAD_NOISE`` is the last epoch's minibatch gradient noise (see :meth:`SGDEngine.epoch`; 0 after a load
 and when ``EngineConfig.track_noise`` is off)."""
 OPTIMIZERS = ("sgd", "adam")
-ADAM_PLATEAU_DEFAULTS = {"patience": 5, "factor": 0.5}
-"""The ``adam`` baseline's ReduceLROnPlateau settings where none are given (torch's defaults)."""
 """Values of ``EngineConfig.optimizer``."""
+ADAM_PLATEAU_DEFAULTS = {"patience": 5, "factor": 0.5}
+"""The ``adam`` baseline's ReduceLROnPlateau settings where none are given (its own defaults; torch's are patience 10,
+factor 0.1)."""
 
 BOUND_TOL_ENV = "LRENV_BOUND_TOL"
 DEFAULT_BOUND_TOL = 0.05

@@ -56,7 +56,7 @@ SEARCH_SPACES: dict[str, tuple[Callable[..., Schedule] | str, list[dict[str, Any
     "random-walk": (RandomWalkBound, [g for g in _grid(center=[0.3, 0.4, 0.5, 0.6, 0.7], width=[0.25, 0.5])
                                       if g["center"] * (1 + g["width"]) <= 1.0], {"center": 0.5, "width": 0.5}),
     "armijo": (Armijo, _grid(c=[0.1, 0.3, 0.5, 0.7, 0.9], shrink=[0.5, 0.7]), {"c": 0.5, "shrink": 0.5}),
-    # Adam with its ReduceLROnPlateau knobs too (torch's defaults, patience 5 and factor 0.5, are the default):
+    # Adam with its ReduceLROnPlateau knobs too (the baseline's defaults, patience 5 and factor 0.5, are the default):
     # the decay on plateaus is what a learned Adam schedule competes with
     "adam": ("adam", _grid(lr_rel=[0.005, 0.02, 0.05, 0.1, 0.3, 1.0, 3.0], patience=[1, 2, 5, 10, 20],
                            factor=[0.3, 0.5, 0.7, 0.85]),
