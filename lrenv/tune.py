@@ -19,6 +19,7 @@ import argparse
 import datetime as _dt
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -65,6 +66,51 @@ SEARCH_SPACES: dict[str, tuple[Callable[..., Schedule] | str, list[dict[str, Any
 """Tunable baselines: the grids searched by ``lrenv tune`` (scales in units of the bound 2/L, c = 2 x scale)."""
 
 
+def override_grid(grid: list[dict[str, Any]], axes: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """``grid`` with the values of each axis in ``axes`` replaced: every combination of the other axes' values
+    in ``grid`` with each new value (a setting that appears twice is kept once)."""
+    out = list(grid)
+    for key, values in axes.items():
+        if not values:
+            raise ValueError(f"--grid {key}= needs at least one value")
+        seen, new = set(), []
+        for g in out:
+            for v in values:
+                d = {**g, key: v}
+                k = tuple(sorted(d.items()))
+                if k not in seen:
+                    seen.add(k)
+                    new.append(d)
+        out = new
+    return out
+
+
+def parse_grid_overrides(specs: Sequence[str] | None) -> dict[str, dict[str, list[Any]]]:
+    """``["adam.lr_rel=1,3,10", ...]`` -> ``{"adam": {"lr_rel": [1.0, 3.0, 10.0]}}``; numbers are read as int
+    when they have no decimal point or exponent. Unknown baselines or settings raise ValueError naming the
+    known ones."""
+    out: dict[str, dict[str, list[Any]]] = {}
+    for spec in specs or []:
+        head, sep, tail = spec.partition("=")
+        method, dot, key = head.strip().partition(".")
+        if not (sep and dot and method and key and tail.strip()):
+            raise ValueError(f"--grid {spec!r}: expected METHOD.SETTING=V1,V2,... (e.g. adam.lr_rel=1,3,10)")
+        if method not in SEARCH_SPACES:
+            raise ValueError(f"--grid {spec!r}: unknown baseline {method!r}; tunable: {', '.join(SEARCH_SPACES)}")
+        known = list(SEARCH_SPACES[method][2])
+        if key not in known:
+            raise ValueError(f"--grid {spec!r}: {method} has no setting {key!r}; its settings: {', '.join(known)}")
+        values: list[Any] = []
+        for text in tail.split(","):
+            text = text.strip()
+            try:
+                values.append(int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text))
+            except ValueError:
+                raise ValueError(f"--grid {spec!r}: {text!r} is not a number") from None
+        out.setdefault(method, {})[key] = values
+    return out
+
+
 def _label(params: dict[str, Any]) -> str:
     return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
@@ -96,25 +142,40 @@ def run_scores(rows: list[dict], budget: int) -> tuple[float, float]:
 
 def tune(problem: str = DEFAULT_PROBLEM, problem_params: dict | None = None, *, methods: Sequence[str] | None = None,
          seeds: int = 5, budget: int | None = None, seed: int = 0, out: str | os.PathLike | None = None,
-         progress: bool = True, verbose: bool = True) -> dict[str, Any]:
+         progress: bool = True, verbose: bool = True,
+         grids: dict[str, dict[str, Sequence[Any]]] | None = None) -> dict[str, Any]:
     """Tune the baselines ``methods`` (default: all of :data:`SEARCH_SPACES` that apply) on ``seeds``
-    validation instances of the family; returns the document written to ``out`` (YAML, atomically)."""
+    validation instances of the family; returns the document written to ``out`` (YAML, atomically).
+    ``grids``: per baseline, settings whose searched values replace the grid's (``{"adam": {"lr_rel": [1, 3,
+    10]}}``; the CLI's ``--grid adam.lr_rel=1,3,10``), e.g. to go past a grid edge; recorded in the file."""
     from .evaluate import _atomic_write, evaluate
 
     names = list(methods or SEARCH_SPACES)
     unknown = [m for m in names if m not in SEARCH_SPACES]
     if unknown:
         raise ValueError(f"cannot tune {unknown}: tunable baselines are {', '.join(SEARCH_SPACES)}")
+    grids = {k: dict(v) for k, v in (grids or {}).items()}
+    stray = [k for k in grids if k not in names]
+    if stray:
+        raise ValueError(f"grid overrides for {stray}, which are not being tuned (methods: {', '.join(names)})")
+    for name, axes in grids.items():
+        bad = [k for k in axes if k not in SEARCH_SPACES[name][2]]
+        if bad:
+            raise ValueError(f"{name} has no setting {bad}; its settings: {', '.join(SEARCH_SPACES[name][2])}")
+    spaces = {name: override_grid(SEARCH_SPACES[name][1], grids.get(name, {})) for name in names}
     common = dict(problem=problem, problem_params=problem_params, seeds=seeds, budget=budget, seed=seed,
                   split="validation", save=False, progress=progress, verbose=False)
     doc: dict[str, Any] = {"problem": problem, "problem_params": dict(problem_params or {}), "split": "validation",
                            "seeds": seeds, "seed": seed, "miss_score": f"{MISS_FACTOR:g} x budget",
                            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                           **({"grid_overrides": {k: {a: list(v) for a, v in ax.items()} for k, ax in grids.items()}}
+                              if grids else {}),
                            "methods": {}, "skipped": {}}
     schedules: list[Schedule] = []
     owner: dict[str, tuple[str, dict[str, Any]]] = {}
     for name in names:
-        factory, grid, default = SEARCH_SPACES[name]
+        factory, _, default = SEARCH_SPACES[name]
+        grid = spaces[name]
         if isinstance(factory, str):
             continue
         settings = grid if default in grid else [default, *grid]
@@ -134,7 +195,8 @@ def tune(problem: str = DEFAULT_PROBLEM, problem_params: dict | None = None, *, 
             name, params = owner[key]
             results[name].append((params, run_scores(rows, res.config["budget"])))
     for name in names:  # outside solvers: one evaluation per setting (their settings are solver options)
-        factory, grid, default = SEARCH_SPACES[name]
+        factory, _, default = SEARCH_SPACES[name]
+        grid = spaces[name]
         if not isinstance(factory, str):
             continue
         settings = grid if default in grid else [default, *grid]
@@ -152,7 +214,7 @@ def tune(problem: str = DEFAULT_PROBLEM, problem_params: dict | None = None, *, 
         default = SEARCH_SPACES[name][2]
         best_params, best = min(found, key=lambda t: t[1])
         at_default = next(s for p, s in found if p == default)
-        grid = SEARCH_SPACES[name][1]
+        grid = spaces[name]
         edge = [k for k, v in best_params.items() if isinstance(v, (int, float)) and len({g[k] for g in grid}) > 2
                 and v in (min(g[k] for g in grid), max(g[k] for g in grid))]
         doc["methods"][name] = {"params": dict(best_params), "score": round(best[0], 3),
@@ -182,6 +244,10 @@ def tuning_markdown(doc: dict[str, Any]) -> str:
         edge = f" (grid edge: {', '.join(m['at_grid_edge'])})" if m.get("at_grid_edge") else ""
         lines.append(f"| {name} | {_label(m['params'])}{edge} | {m['score']:.1f} | {_label(m['default_params'])} | "
                      f"{m['default_score']:.1f} | {m['settings_tried']} |")
+    edges = [f"{name}.{k}" for name, m in doc["methods"].items() for k in m.get("at_grid_edge", [])]
+    if edges:
+        lines += ["", f"At a grid edge ({', '.join(edges)}): a better setting may lie past it; search further with "
+                      f"--grid {edges[0]}=V1,V2,..."]
     return "\n".join(lines) + "\n"
 
 
@@ -219,6 +285,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, default=None, help="epoch budget (None: the family's)")
     p.add_argument("--seed", type=int, default=0, help="base reset seed")
     p.add_argument("--out", default=None, help="YAML file to write (default: runs/tuned/<problem>.yml)")
+    p.add_argument("--grid", action="append", metavar="METHOD.SETTING=V1,V2,...",
+                   help="search these values of one setting instead of the grid's (repeatable), e.g. to go past a "
+                        "grid edge the table reports: --grid adam.lr_rel=1,3,10,30")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -226,5 +295,5 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or os.path.join("runs", "tuned", f"{Path(str(args.problem)).stem}.yml")
     tune(args.problem, parse_problem_params(args.problem_param),
          methods=[m.strip() for m in args.methods.split(",") if m.strip()], seeds=args.seeds, budget=args.budget,
-         seed=args.seed, out=out, progress=not args.no_progress)
+         seed=args.seed, out=out, progress=not args.no_progress, grids=parse_grid_overrides(args.grid))
     return 0

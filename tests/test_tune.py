@@ -74,3 +74,28 @@ def test_shipped_adam_settings_include_the_plateau_knobs_and_reach_the_config():
                   save=False, progress=False, verbose=False)
     (adam,) = [m for m in ev.config["methods"] if m["name"] == "adam"]
     assert adam["options"] == params
+
+
+def test_grid_overrides_replace_one_axis_and_are_recorded(tmp_path, capsys):
+    from lrenv.tune import override_grid, parse_grid_overrides
+    axes = parse_grid_overrides(["fixed-cwch.c_W=0.3,3", "adam.patience=50"])
+    assert axes == {"fixed-cwch": {"c_W": [0.3, 3.0]}, "adam": {"patience": [50]}}
+    grid = override_grid(SEARCH_SPACES["fixed-cwch"][1], axes["fixed-cwch"])
+    c_H = sorted({g["c_H"] for g in SEARCH_SPACES["fixed-cwch"][1]})
+    assert sorted((g["c_W"], g["c_H"]) for g in grid) == sorted((w, h) for w in (0.3, 3.0) for h in c_H)
+    for bad, msg in [("adam.lr=1", "adam has no setting 'lr'; its settings: lr_rel"), ("nope.c=1", "unknown baseline"),
+                     ("fixed-c.c=x", "'x' is not a number"), ("fixed-c=1", "expected METHOD.SETTING=")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_grid_overrides([bad])
+    with pytest.raises(ValueError, match="not being tuned"):
+        tune(**TINY, methods=["fixed-c"], grids={"cosine": {"peak": [0.3]}}, verbose=False)
+    # the searched values are the override's (plus the default), and the file says so; the tuned c is one of them
+    out = tmp_path / "t.yml"
+    args = ["--problem", "small", "--problem-param", "m=60", "--problem-param", "n=20", "--problem-param", "rank=3",
+            "--problem-param", "target_factor=1.1", "--budget", "30"]
+    assert main(["tune", *args, "--methods", "fixed-c", "--grid", "fixed-c.c=0.05,0.1", "--seeds", "2", "--out",
+                 str(out), "--no-progress"]) == 0
+    doc = yaml.safe_load(out.read_text())
+    assert doc["grid_overrides"] == {"fixed-c": {"c": [0.05, 0.1]}}
+    assert doc["methods"]["fixed-c"]["settings_tried"] == 3  # 0.05, 0.1 and the default 1.1
+    assert doc["methods"]["fixed-c"]["params"]["c"] in (0.05, 0.1, 1.1)
