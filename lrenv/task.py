@@ -109,6 +109,27 @@ def _read_tuned(setting: str, family: str, read: Callable[[str], Any], what: str
         raise ValueError(f"{setting}='tuned': {e}") from None
 
 
+def resolve_tuned(family: str, *, optimizer: str = "sgd", factor_tilt: Any = None,
+                  center_plateau: Any = None) -> dict[str, tuple]:
+    """The numbers that the settings given as ``'tuned'`` stand for on ``family``, read from its shipped tuned file:
+    ``center_plateau`` as ``(patience, factor)`` of its tuned Adam baseline, ``factor_tilt`` as ``(t_W, t_H)`` (its
+    tuned per-factor fixed step, or its tuned Adam lr with ``optimizer='adam'``); settings given otherwise are left
+    out. What :meth:`TaskConfig.bind_family` applies, and what a training run records in its config (the shipped
+    files change when a baseline is retuned)."""
+    from .tuned_files import tuned_adam_plateau, tuned_step_scales  # reads YAML only: no evaluation stack
+
+    found: dict[str, tuple] = {}
+    if isinstance(center_plateau, str) and center_plateau == TUNED_TILT:
+        found["center_plateau"] = _read_tuned("center_plateau", family, tuned_adam_plateau, "Adam baseline", "adam",
+                                              "[patience, factor]")
+    if isinstance(factor_tilt, str) and factor_tilt == TUNED_TILT:
+        what, method, pair = (("Adam learning rate", "adam", "[lr_rel, lr_rel]") if optimizer == "adam"
+                              else ("per-factor fixed step", "fixed-cwch", "[c_W / 2, c_H / 2]"))
+        found["factor_tilt"] = _read_tuned("factor_tilt", family, lambda f: tuned_step_scales(f, optimizer), what,
+                                           method, pair)
+    return found
+
+
 @dataclass
 class TaskConfig:
     """Definition of the learning-rate decision problem (everything except the data)."""
@@ -270,16 +291,10 @@ class TaskConfig:
         """Resolve ``factor_tilt='tuned'`` to ``family``'s tuned per-factor step and ``center_plateau='tuned'`` to its
         tuned Adam plateau rule (an environment calls this with its family's name); returns self. A no-op for every
         other setting."""
-        from .tuned_files import tuned_adam_plateau, tuned_step_scales  # reads YAML only: no evaluation stack
-
-        if self.center_plateau == TUNED_TILT:
-            self._plateau = _read_tuned("center_plateau", family, tuned_adam_plateau, "Adam baseline", "adam",
-                                        "[patience, factor]")
-        if self.factor_tilt == TUNED_TILT:  # a pair is a tuple by now (__post_init__), never an array
-            what, method, pair = (("Adam learning rate", "adam", "[lr_rel, lr_rel]") if self.optimizer == "adam"
-                                  else ("per-factor fixed step", "fixed-cwch", "[c_W / 2, c_H / 2]"))
-            self._tilt = _read_tuned("factor_tilt", family, lambda f: tuned_step_scales(f, self.optimizer), what,
-                                     method, pair)
+        found = resolve_tuned(family, optimizer=self.optimizer, factor_tilt=self.factor_tilt,
+                              center_plateau=self.center_plateau)
+        self._plateau = found.get("center_plateau", self._plateau)
+        self._tilt = found.get("factor_tilt", self._tilt)
         return self
 
     def _resolved(self, name: str, value: Any) -> Any:

@@ -140,3 +140,20 @@ def test_bad_config_fails_before_a_run_directory_is_made(tmp_path):
     with pytest.raises(ValueError, match="env_kwargs.action_mode: unknown value .fast."):
         load_hyperparams("small", ["n_timesteps:100", "env_kwargs.action_mode:fast"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_records_what_tuned_settings_stood_for():
+    """'tuned' a = 0 settings resolve per family from the shipped files, which change when a baseline is retuned:
+    the run's config keeps the numbers (left-out families excluded)."""
+    from lrenv.agents.train import TrainConfig, tuned_settings
+    from lrenv.tuned_files import tuned_adam_plateau, tuned_step_scales
+    kw = dict(optimizer="adam", action_mode="per_factor", center_plateau="tuned", factor_tilt="tuned", exclude=["digits"])
+    got = tuned_settings(TrainConfig(problem="suite:generalist", hyperparams={"env_kwargs": kw}))
+    assert "digits" not in got and {"small", "sales"} <= set(got)
+    for family, values in got.items():
+        assert values == {"center_plateau": list(tuned_adam_plateau(family)),
+                          "factor_tilt": list(tuned_step_scales(family, "adam"))}
+    sgd = tuned_settings(TrainConfig(problem="small", hyperparams={"env_kwargs": {"action_mode": "per_factor",
+                                                                                  "factor_tilt": "tuned"}}))
+    assert sgd == {"small": {"factor_tilt": list(tuned_step_scales("small"))}}
+    assert tuned_settings(TrainConfig(problem="small")) == {}

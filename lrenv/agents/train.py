@@ -273,8 +273,33 @@ def write_config(cfg: TrainConfig, run_dir: Path, extra: dict | None = None) -> 
               if is_suite(cfg.problem) else {}),
            "versions": {"lrenv": __version__, "torch": torch.__version__, "stable_baselines3": stable_baselines3.__version__,
                         "gymnasium": gymnasium.__version__, "python": sys.version.split()[0]}}
+    tuned = tuned_settings(cfg)
+    if tuned:
+        doc["tuned_settings"] = tuned
     doc.update(extra or {})
     atomic_write_text(run_dir / "config.json", json.dumps(doc, indent=2, default=str))
+
+
+def tuned_settings(cfg: TrainConfig) -> dict[str, dict[str, list]]:
+    """Per family trained on, the numbers its ``'tuned'`` env settings (``factor_tilt``, ``center_plateau``) stood
+    for when the run was written: the shipped tuned files change when a baseline is retuned, so ``'tuned'`` alone
+    would not say what a = 0 was. Empty when no setting is ``'tuned'``."""
+    from lrenv.problems import make_family
+    from lrenv.task import resolve_tuned
+    kw = cfg.env_kwargs
+    if not any(isinstance(kw.get(k), str) and kw[k] == "tuned" for k in ("factor_tilt", "center_plateau")):
+        return {}
+    if is_suite(cfg.problem):
+        entries = [(e.problem, e.problem_params) for e in load_suite(suite_name(cfg.problem), kw.get("exclude")).entries]
+    else:
+        entries = [(cfg.problem, cfg.problem_params or {})]
+    out: dict[str, dict[str, list]] = {}
+    for problem, params in entries:
+        family = make_family(problem, **params).name
+        found = resolve_tuned(family, optimizer=kw.get("optimizer", "sgd"), factor_tilt=kw.get("factor_tilt"),
+                              center_plateau=kw.get("center_plateau"))
+        out[family] = {k: list(v) for k, v in found.items()}
+    return out
 
 
 def read_config(run_dir: str | Path) -> dict:
