@@ -234,6 +234,38 @@ def tune(problem: str = DEFAULT_PROBLEM, problem_params: dict | None = None, *, 
     return doc
 
 
+def merge_tuned(doc: dict[str, Any], into: str | os.PathLike) -> dict[str, Any]:
+    """Merge a fresh tuning ``doc`` (what :func:`tune` returns) into the tuned-settings file ``into`` (e.g. the one
+    shipped for the family): each tuned baseline's entry is replaced, stamped ``retuned`` (and its ``grid_overrides``
+    kept), the other entries stay, and a note records what changed and the score it replaces. The file must hold the
+    same family and split. Written atomically; returns the merged document."""
+    from .evaluate import _atomic_write
+    from .tuned_files import load_tuned
+
+    old = load_tuned(doc["problem"], into)
+    for key in ("family", "split"):
+        if old.get(key) is not None and doc.get(key) is not None and old[key] != doc[key]:
+            raise ValueError(f"{into}: its {key} is {old[key]!r}, the tuning ran on {doc[key]!r}; merge into a file "
+                             f"of the same {key}")
+    notes = list(old.get("notes") or [])
+    overrides = doc.get("grid_overrides", {})
+    for name, m in doc["methods"].items():
+        prev = old["methods"].get(name)
+        entry = {k: v for k, v in m.items()}
+        if name in overrides:
+            entry["grid_overrides"] = overrides[name]
+        entry["retuned"] = doc["created"]
+        old["methods"][name] = entry
+        grid = "; " + " ".join(f"--grid {name}.{k}={','.join(f'{v:g}' for v in vals)}"
+                               for k, vals in overrides.get(name, {}).items()) if name in overrides else ""
+        was = (f"replaces {_label(prev['params'])}, score {prev.get('score')}" if prev else "new entry")
+        notes.append(f"{name} retuned on {doc['created']} ({doc['seeds']} validation instances, {m['settings_tried']} "
+                     f"settings{grid}) to {_label(m['params'])}, score {m['score']}; {was}")
+    old["notes"] = notes
+    _atomic_write(str(into), yaml.safe_dump(old, sort_keys=False))
+    return old
+
+
 def tuning_markdown(doc: dict[str, Any]) -> str:
     """How much tuning moved each baseline, as a Markdown table."""
     lines = [f"### tuned on {doc['seeds']} validation instances of {doc.get('family', doc['problem'])} "
@@ -288,12 +320,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", action="append", metavar="METHOD.SETTING=V1,V2,...",
                    help="search these values of one setting instead of the grid's (repeatable), e.g. to go past a "
                         "grid edge the table reports: --grid adam.lr_rel=1,3,10,30")
+    p.add_argument("--merge", metavar="FILE", default=None,
+                   help="also merge the tuned entries into this tuned-settings file (e.g. lrenv/tuned/<family>.yml): "
+                        "each tuned baseline's entry replaced and stamped, the others kept, a note added")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     out = args.out or os.path.join("runs", "tuned", f"{Path(str(args.problem)).stem}.yml")
-    tune(args.problem, parse_problem_params(args.problem_param),
-         methods=[m.strip() for m in args.methods.split(",") if m.strip()], seeds=args.seeds, budget=args.budget,
-         seed=args.seed, out=out, progress=not args.no_progress, grids=parse_grid_overrides(args.grid))
+    grids = parse_grid_overrides(args.grid)
+    if args.merge is not None:
+        from .tuned_files import load_tuned
+        load_tuned(args.problem, args.merge)  # refuse a missing or broken file before tuning, not after
+    doc = tune(args.problem, parse_problem_params(args.problem_param),
+               methods=[m.strip() for m in args.methods.split(",") if m.strip()], seeds=args.seeds, budget=args.budget,
+               seed=args.seed, out=out, progress=not args.no_progress, grids=grids)
+    if args.merge is not None:
+        merge_tuned(doc, args.merge)
+        print(f"merged {', '.join(doc['methods'])} into {args.merge}")
     return 0

@@ -99,3 +99,32 @@ def test_grid_overrides_replace_one_axis_and_are_recorded(tmp_path, capsys):
     assert doc["grid_overrides"] == {"fixed-c": {"c": [0.05, 0.1]}}
     assert doc["methods"]["fixed-c"]["settings_tried"] == 3  # 0.05, 0.1 and the default 1.1
     assert doc["methods"]["fixed-c"]["params"]["c"] in (0.05, 0.1, 1.1)
+
+
+def test_merge_replaces_the_tuned_entries_keeps_the_others_and_notes_it(tmp_path):
+    from lrenv.tune import merge_tuned
+    base = tmp_path / "base.yml"
+    tune(**TINY, methods=["fixed-c", "cosine"], seeds=2, out=base, progress=False, verbose=False)
+    before = yaml.safe_load(base.read_text())
+    fresh = tune(**TINY, methods=["fixed-c"], seeds=2, grids={"fixed-c": {"c": [0.6, 0.8]}}, progress=False,
+                 verbose=False)
+    merged = merge_tuned(fresh, base)
+    assert yaml.safe_load(base.read_text()) == merged
+    assert merged["methods"]["cosine"] == before["methods"]["cosine"]
+    new = merged["methods"]["fixed-c"]
+    assert new["params"] == fresh["methods"]["fixed-c"]["params"] and new["retuned"] == fresh["created"]
+    assert new["grid_overrides"] == {"c": [0.6, 0.8]}
+    assert merged["notes"][-1].startswith("fixed-c retuned on ") and "--grid fixed-c.c=0.6,0.8" in merged["notes"][-1]
+    assert f"score {before['methods']['fixed-c']['score']}" in merged["notes"][-1]
+    other = tmp_path / "other.yml"
+    other.write_text(yaml.safe_dump({**before, "family": "digits"}))
+    with pytest.raises(ValueError, match="its family is 'digits'"):
+        merge_tuned(fresh, other)
+    args = ["--problem", "small", "--problem-param", "m=60", "--problem-param", "n=20", "--problem-param", "rank=3",
+            "--problem-param", "target_factor=1.1", "--budget", "40", "--seeds", "2", "--no-progress"]
+    with pytest.raises(SystemExit):  # refused before any tuning, with the CLI's error line
+        main(["tune", *args, "--methods", "cosine", "--out", str(tmp_path / "m.yml"), "--merge",
+              str(tmp_path / "missing.yml")])
+    assert not (tmp_path / "m.yml").exists()
+    assert main(["tune", *args, "--methods", "cosine", "--out", str(tmp_path / "c.yml"), "--merge", str(base)]) == 0
+    assert yaml.safe_load(base.read_text())["methods"]["cosine"]["retuned"]
