@@ -85,6 +85,12 @@ def override_grid(grid: list[dict[str, Any]], axes: dict[str, Sequence[Any]]) ->
     return out
 
 
+def _unknown_setting(method: str, key: str) -> str | None:
+    """What is wrong with searching ``key`` of the baseline ``method`` (None: nothing)."""
+    known = list(SEARCH_SPACES[method][2])
+    return None if key in known else f"{method} has no setting {key!r}; its settings: {', '.join(known)}"
+
+
 def parse_grid_overrides(specs: Sequence[str] | None) -> dict[str, dict[str, list[Any]]]:
     """``["adam.lr_rel=1,3,10", ...]`` -> ``{"adam": {"lr_rel": [1.0, 3.0, 10.0]}}``; numbers are read as int
     when they have no decimal point or exponent. Unknown baselines or settings raise ValueError naming the
@@ -97,9 +103,9 @@ def parse_grid_overrides(specs: Sequence[str] | None) -> dict[str, dict[str, lis
             raise ValueError(f"--grid {spec!r}: expected METHOD.SETTING=V1,V2,... (e.g. adam.lr_rel=1,3,10)")
         if method not in SEARCH_SPACES:
             raise ValueError(f"--grid {spec!r}: unknown baseline {method!r}; tunable: {', '.join(SEARCH_SPACES)}")
-        known = list(SEARCH_SPACES[method][2])
-        if key not in known:
-            raise ValueError(f"--grid {spec!r}: {method} has no setting {key!r}; its settings: {', '.join(known)}")
+        wrong = _unknown_setting(method, key)
+        if wrong:
+            raise ValueError(f"--grid {spec!r}: {wrong}")
         values: list[Any] = []
         for text in tail.split(","):
             text = text.strip()
@@ -159,9 +165,10 @@ def tune(problem: str = DEFAULT_PROBLEM, problem_params: dict | None = None, *, 
     if stray:
         raise ValueError(f"grid overrides for {stray}, which are not being tuned (methods: {', '.join(names)})")
     for name, axes in grids.items():
-        bad = [k for k in axes if k not in SEARCH_SPACES[name][2]]
-        if bad:
-            raise ValueError(f"{name} has no setting {bad}; its settings: {', '.join(SEARCH_SPACES[name][2])}")
+        for key in axes:
+            wrong = _unknown_setting(name, key)
+            if wrong:
+                raise ValueError(wrong)
     spaces = {name: override_grid(SEARCH_SPACES[name][1], grids.get(name, {})) for name in names}
     common = dict(problem=problem, problem_params=problem_params, seeds=seeds, budget=budget, seed=seed,
                   split="validation", save=False, progress=progress, verbose=False)
@@ -251,13 +258,13 @@ def merge_tuned(doc: dict[str, Any], into: str | os.PathLike) -> dict[str, Any]:
     overrides = doc.get("grid_overrides", {})
     for name, m in doc["methods"].items():
         prev = old["methods"].get(name)
-        entry = {k: v for k, v in m.items()}
+        entry = dict(m)
         if name in overrides:
             entry["grid_overrides"] = overrides[name]
         entry["retuned"] = doc["created"]
         old["methods"][name] = entry
-        grid = "; " + " ".join(f"--grid {name}.{k}={','.join(f'{v:g}' for v in vals)}"
-                               for k, vals in overrides.get(name, {}).items()) if name in overrides else ""
+        grid = "".join(f"; --grid {name}.{k}={','.join(f'{v:g}' for v in vals)}"
+                       for k, vals in overrides.get(name, {}).items())
         was = (f"replaces {_label(prev['params'])}, score {prev.get('score')}" if prev else "new entry")
         notes.append(f"{name} retuned on {doc['created']} ({doc['seeds']} validation instances, {m['settings_tried']} "
                      f"settings{grid}) to {_label(m['params'])}, score {m['score']}; {was}")

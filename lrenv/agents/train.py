@@ -285,9 +285,9 @@ def tuned_settings(cfg: TrainConfig) -> dict[str, dict[str, list]]:
     for when the run was written: the shipped tuned files change when a baseline is retuned, so ``'tuned'`` alone
     would not say what a = 0 was. Empty when no setting is ``'tuned'``."""
     from lrenv.problems import make_family
-    from lrenv.task import resolve_tuned
+    from lrenv.task import TUNED_TILT, resolve_tuned
     kw = cfg.env_kwargs
-    if not any(isinstance(kw.get(k), str) and kw[k] == "tuned" for k in ("factor_tilt", "center_plateau")):
+    if not any(isinstance(kw.get(k), str) and kw[k] == TUNED_TILT for k in ("factor_tilt", "center_plateau")):
         return {}
     if is_suite(cfg.problem):
         entries = [(e.problem, e.problem_params) for e in load_suite(suite_name(cfg.problem), kw.get("exclude")).entries]
